@@ -1,0 +1,62 @@
+"""Run one trial without Ray or MLflow: ``python -m trainables TRIAL.yaml [--checkpoint PATH] [--set k=v]``.
+
+Prints one JSON object per epoch and a final ``{"summary": ...}`` line. With ``--checkpoint`` the state is
+saved there on checkpoint epochs and, when the file exists, the trial continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from trainables.checkpoint import load_state, save_state
+from trainables.config import TrialConfig
+from trainables.loop import train
+
+
+class PrintReporter:
+    def __init__(self, checkpoint: Path | None) -> None:
+        self.checkpoint = checkpoint
+
+    def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is not None and self.checkpoint is not None:
+            save_state(state, self.checkpoint)
+        print(json.dumps({"epoch": epoch, **metrics}), flush=True)
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        data = data.setdefault(key, {})
+    data[leaf] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainables", description=__doc__.splitlines()[0])
+    parser.add_argument("trial", type=Path, help="YAML or JSON file of one trial config")
+    parser.add_argument("--checkpoint", type=Path, help="state file to save to and continue from")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    args = parser.parse_args(argv)
+    try:
+        data = yaml.safe_load(args.trial.read_text()) or {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            _set(data, key, yaml.safe_load(value))
+        cfg = TrialConfig.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError) as err:
+        print(f"error: {args.trial}: {err}", file=sys.stderr)
+        return 2
+    state = load_state(args.checkpoint) if args.checkpoint and args.checkpoint.exists() else None
+    summary = train(cfg, PrintReporter(args.checkpoint), state)
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The training loop of one trial: no Ray, no MLflow; it talks to the outside through a :class:`Reporter`.
+
+Data lives as tensors on the trial's device and is shuffled by an index permutation drawn from a seeded
+generator, so the only per-step Python is the step itself (DESIGN.md "Speed"). Everything needed to
+continue a run exactly is in :meth:`Trainer.state_dict` (model, optimizer, scheduler, RNG states, epoch,
+the running summary), plain tensors and containers so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from trainables.config import TrialConfig
+from trainables.data import balanced_subset, dataset_info, load_splits
+from trainables.measure import measure, metric_key
+from trainables.metrics import effective_depth
+from trainables.models import build_model, parameter_counts
+
+INTERPOLATION_ACC = 0.995
+"""Train accuracy that marks the interpolation threshold and the start of the terminal phase (004 §5.3)."""
+
+
+class Reporter(Protocol):
+    def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        """Called once per epoch; ``state`` is the checkpoint payload on checkpoint epochs, else None."""
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(requested)
+
+
+class Trainer:
+    def __init__(self, cfg: TrialConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = load_splits(cfg).to(self.device)
+        self.model = build_model(cfg, dataset_info(cfg)).to(self.device)
+        opt = cfg.train.optimizer
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=opt.lr,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(cfg.train.schedule.milestones), gamma=cfg.train.schedule.gamma
+        )
+        self.shuffle = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        subset = balanced_subset(
+            self.data.y_train, self.data.num_classes, cfg.metrics.max_samples, cfg.data.split_seed
+        )
+        self.splits = {
+            "train": (self.data.x_train[subset], self.data.y_train[subset]),
+            "test": (self.data.x_test, self.data.y_test),
+        }
+        self.params = parameter_counts(self.model)
+        self.epoch = 0
+        self.interpolation_epoch = 0  # 0: not reached yet
+        self.best_epoch = 0
+        self.best_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- checkpoint state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "shuffle_rng": self.shuffle.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "interpolation_epoch": self.interpolation_epoch,
+            "best_epoch": self.best_epoch,
+            "best_metrics": dict(self.best_metrics),
+            "last_metrics": dict(self.last_metrics),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+        self.interpolation_epoch = int(state["interpolation_epoch"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_metrics = dict(state["best_metrics"])
+        self.last_metrics = dict(state["last_metrics"])
+
+    # ---- training -----------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        """One pass over the shuffled train split; returns the mean mini-batch loss."""
+        self.model.train()
+        x, y = self.data.x_train, self.data.y_train
+        batch = self.cfg.train.batch_size
+        perm = torch.randperm(len(x), device=self.device, generator=self.shuffle)
+        loss_sum = torch.zeros((), device=self.device)
+        steps = 0
+        for lo in range(0, len(x), batch):
+            idx = perm[lo : lo + batch]
+            if len(idx) < 2 and steps:  # BatchNorm cannot normalise a batch of one sample
+                continue
+            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.detach()
+            steps += 1
+        mean_loss = float(loss_sum / steps)  # the epoch's single host sync
+        if not torch.isfinite(torch.tensor(mean_loss)):
+            raise TrialDiverged(f"training loss is {mean_loss} at epoch {self.epoch + 1}")
+        return mean_loss
+
+    def run(self, reporter: Reporter) -> dict[str, float]:
+        """Train from ``self.epoch`` to the configured number of epochs; return the trial's summary."""
+        cfg = self.cfg
+        taps = self.model.tap_names
+        while self.epoch < cfg.train.epochs:
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            batch_loss = self.train_epoch()
+            self.scheduler.step()
+            self.epoch += 1
+            collapse = self.epoch % cfg.metrics.every == 0 or self.epoch == cfg.train.epochs
+            metrics = measure(
+                self.model, self.splits, self.data.num_classes, batch_size=cfg.metrics.batch_size, collapse=collapse
+            )
+            metrics.update(batch_loss=batch_loss, lr=lr, **{k: float(v) for k, v in self.params.items()})
+            if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
+                self.interpolation_epoch = self.epoch
+            metrics["terminal_phase"] = float(self.interpolation_epoch > 0)
+            if collapse:
+                ncc = [metrics.get(metric_key("ncc_acc", "train", t), 0.0) for t in taps]
+                for i, eps in enumerate(cfg.metrics.effective_depth_eps):
+                    key = "effective_depth" if i == 0 else f"effective_depth/eps_{eps:g}"
+                    metrics[key] = float(effective_depth(ncc, eps))
+            metrics["epoch_time_s"] = time.perf_counter() - started
+            self.last_metrics = metrics
+            if self.best_epoch == 0 or metrics["test_acc"] > self.best_metrics["test_acc"]:
+                self.best_epoch, self.best_metrics = self.epoch, metrics
+            due = self.epoch % cfg.checkpoint.every == 0 or self.epoch == cfg.train.epochs
+            reporter.report(self.epoch, metrics, self.state_dict() if due else None)
+        return self.summary()
+
+    def summary(self) -> dict[str, float]:
+        """Last-epoch and best-test-epoch values of every metric (004 §5.3 reports both)."""
+        out = {f"final/{k}": v for k, v in self.last_metrics.items()}
+        out.update({f"best/{k}": v for k, v in self.best_metrics.items()})
+        out["best_epoch"] = float(self.best_epoch)
+        out["interpolation_epoch"] = float(self.interpolation_epoch)
+        return out
+
+
+def train(cfg: TrialConfig, reporter: Reporter, state: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run one trial; ``state`` (a :meth:`Trainer.state_dict`) continues an interrupted one."""
+    trainer = Trainer(cfg)
+    if state is not None:
+        trainer.load_state_dict(state)
+    return trainer.run(reporter)

@@ -1,0 +1,106 @@
+"""The per-epoch measurement of a model: accuracy and loss on both splits, and every NC metric of every tap.
+
+Two streaming passes (SCIENCE.md "Computing them at scale") over the fixed metric subset of the train
+split and the whole test split, all taps at once, under ``torch.no_grad()`` in eval mode. Pass 1 also
+gives the accuracies and losses, so an epoch without NC metrics costs one forward pass per split.
+
+Metric keys group in the MLflow UI by metric, then split, with the layer last: ``ncc_acc/train/fc3``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.metrics import DegenerateFeaturesError, TapAccumulator
+
+
+def metric_key(metric: str, split: str, tap: str) -> str:
+    return f"{metric}/{split}/{tap}"
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    for lo in range(0, len(x), batch_size):
+        yield x[lo : lo + batch_size], y[lo : lo + batch_size]
+
+
+@torch.no_grad()
+def measure(
+    model: nn.Module,
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    *,
+    batch_size: int,
+    collapse: bool,
+) -> dict[str, float]:
+    """Measure ``model`` on ``splits`` (``{"train": (x, y), "test": (x, y)}``, train first).
+
+    Returns ``{split}_acc`` and ``{split}_loss`` for every split and, when ``collapse``, every metric of
+    :func:`trainables.metrics.layer_metrics` for every tap and split, with NCC decisions on every split
+    made against the train class means (004 Def. 6). A tap whose features are degenerate at this epoch
+    (e.g. a dead layer of constant features) is left out for this epoch with a warning on stderr.
+    """
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    accumulators: dict[str, dict[str, TapAccumulator]] = {}
+    for split, (x, y) in splits.items():
+        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        correct = torch.zeros((), dtype=torch.float64, device=x.device)
+        taps_acc: dict[str, TapAccumulator] = {}
+        for xb, yb in _batches(x, y, batch_size):
+            logits, taps = model.forward_taps(xb) if collapse else (model(xb), {})
+            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
+            correct += (logits.argmax(1) == yb).sum()
+            for name, h in taps.items():
+                if name not in taps_acc:
+                    taps_acc[name] = TapAccumulator(num_classes, h[0].numel(), h.device)
+                taps_acc[name].add_pass1(h, yb)
+        out[f"{split}_loss"] = float(loss_sum / len(x))
+        out[f"{split}_acc"] = float(correct / len(x))
+        accumulators[split] = taps_acc
+    if not collapse:
+        model.train(was_training)
+        return out
+
+    train_means: dict[str, torch.Tensor] = {}
+    live: dict[str, dict[str, TapAccumulator]] = {}
+    for split, taps_acc in accumulators.items():
+        live[split] = {}
+        for name, acc in taps_acc.items():
+            if split != "train" and name not in train_means:
+                continue
+            try:
+                means = acc.end_pass1(None if split == "train" else train_means[name])
+            except DegenerateFeaturesError as err:
+                print(f"warning: {split}/{name}: no NC metrics this epoch: {err}", file=sys.stderr)
+                continue
+            if split == "train":
+                train_means[name] = means
+            live[split][name] = acc
+
+    for split, (x, y) in splits.items():
+        if not live[split]:
+            continue
+        for xb, yb in _batches(x, y, batch_size):
+            logits, taps = model.forward_taps(xb)
+            predictions = logits.argmax(1)
+            for name, acc in live[split].items():
+                acc.add_pass2(taps[name], yb, predictions)
+
+    consumers = model.consumer_weights()
+    classifier = model.classifier.weight
+    last_tap = model.tap_names[-1]
+    for split, taps_acc in live.items():
+        for name, acc in taps_acc.items():
+            values = acc.result(
+                classifier=classifier if name == last_tap else None,
+                next_weight=consumers.get(name),
+            )
+            for metric, value in values.items():
+                out[metric_key(metric, split, name)] = value
+    model.train(was_training)
+    return out

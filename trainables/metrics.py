@@ -1,0 +1,301 @@
+"""Neural-collapse metrics of one layer's features: streaming accumulators plus small pure functions.
+
+Definitions and conventions are those of ``shared/SCIENCE.md`` (metric-definition version
+:data:`trainables.config.METRIC_DEFINITIONS_VERSION`). Notation: taps ``h`` of width d, C classes,
+``mu_c`` class means, ``mu_G`` the mean of the class means, ``M = [mu_c - mu_G]`` (d x C).
+
+Nothing here builds a d x d matrix for wide taps (a ResNet ``layer1`` tap on CIFAR is 65,536 wide): every
+metric needs only per-class counts and sums (pass 1), then, with the means fixed, within-class squared
+norms, a C x d projection and NCC decisions (pass 2). All accumulation is in float64.
+
+:func:`layer_metrics` is the notebook API; it runs the same :class:`TapAccumulator` the training loop
+streams through, on one chunk, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Widest tap whose d x d within-class Gram is accumulated exactly for the stable rank (32 MiB in float64);
+# wider taps use a randomised sketch (see ``TapAccumulator._spectral_norm_sq``).
+GRAM_MAX_WIDTH = 2048
+SKETCH_WIDTH = 64
+# Cap on one float64 working block, in elements (64 MiB), so wide taps stream in row chunks.
+_BLOCK_ELEMENTS = 1 << 23
+# Relative eigenvalue cut-off for pseudo-inverses: M has rank C-1 by construction (its columns sum to 0).
+_PINV_RTOL = 1e-10
+
+
+class DegenerateFeaturesError(ValueError):
+    """The features admit no defined value of the metrics (message says why)."""
+
+
+class TapAccumulator:
+    """Two-pass streaming statistics of one layer's features on one split.
+
+    Pass 1 (:meth:`add_pass1`) accumulates class counts and sums; :meth:`end_pass1` fixes the class means.
+    Pass 2 (:meth:`add_pass2`) accumulates, around those means, within-class squared norms per class,
+    the projected scatter ``sum_i ||M^+ (h_i - mu_{y_i})||^2`` (nc1, SCIENCE.md "Computing them at
+    scale"), the spectral statistics for the stable rank, and NCC decisions against ``ncc_means``
+    (the **train** means, seed 004 Def. 6; this split's own means when none are given).
+    """
+
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str = "cpu") -> None:
+        if num_classes < 2:
+            raise DegenerateFeaturesError(f"need at least 2 classes, got num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.device = torch.device(device)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(num_classes, **f64)
+        self.sums = torch.zeros(num_classes, dim, **f64)
+        self._pass = 1
+
+    # ---- pass 1 -------------------------------------------------------------------------------------
+    def add_pass1(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        assert self._pass == 1, "pass 1 already ended"
+        h = features.reshape(len(features), -1)
+        for lo in range(0, len(h), self._rows_per_block()):
+            block = h[lo : lo + self._rows_per_block()].to(torch.float64)
+            yb = labels[lo : lo + len(block)]
+            self.sums.index_add_(0, yb, block)
+            self.counts += torch.bincount(yb, minlength=self.num_classes).to(torch.float64)
+
+    def end_pass1(self, ncc_means: torch.Tensor | None = None) -> torch.Tensor:
+        """Fix this split's class means; return them (C x d, rows of absent classes are zero)."""
+        if not torch.isfinite(self.sums).all():
+            raise DegenerateFeaturesError("features contain NaN or infinite values")
+        present = self.counts > 0
+        if int(present.sum()) < 2:
+            raise DegenerateFeaturesError(
+                f"need samples of at least 2 classes, got {int(present.sum())} class(es) present"
+            )
+        self.present = present
+        self.means = torch.zeros_like(self.sums)
+        self.means[present] = self.sums[present] / self.counts[present, None]
+        mu = self.means[present]  # C' x d, C' classes present
+        self.global_mean = mu.mean(0)
+        self.M = (mu - self.global_mean).T  # d x C'
+        gram = self.M.T @ self.M  # C' x C'
+        if float(gram.trace()) <= 0:
+            raise DegenerateFeaturesError(
+                "all class means coincide (e.g. constant features): between-class scatter is zero"
+            )
+        # M^+ = (M^T M)^+ M^T, the pseudo-inverse through the small C' x C' Gram.
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = evals > _PINV_RTOL * evals.max()
+        inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+        self.M_pinv = inv @ self.M.T  # C' x d
+
+        if ncc_means is None:
+            self.ncc_means, self.ncc_classes = mu, torch.nonzero(present).flatten()
+        else:
+            ncc_means = ncc_means.to(device=self.device, dtype=torch.float64)
+            self.ncc_means, self.ncc_classes = ncc_means, torch.arange(len(ncc_means), device=self.device)
+        self.ncc_sq_norms = (self.ncc_means**2).sum(1)
+
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.within_sq = torch.zeros(self.num_classes, **f64)  # sum ||h - mu_y||^2 per class
+        self.projected_sq = torch.zeros((), **f64)
+        self.ncc_correct = torch.zeros((), **f64)
+        self.ncc_mismatch = torch.zeros((), **f64)
+        self.has_predictions = False
+        if self.dim <= GRAM_MAX_WIDTH:
+            self.within_gram = torch.zeros(self.dim, self.dim, **f64)
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            k = min(SKETCH_WIDTH, self.dim)
+            self.sketch_in = torch.randn(self.dim, k, generator=gen, dtype=torch.float64).to(self.device)
+            self.sketch_out = torch.zeros(self.dim, k, **f64)
+        self._pass = 2
+        return self.means
+
+    # ---- pass 2 -------------------------------------------------------------------------------------
+    def add_pass2(
+        self, features: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor | None = None
+    ) -> None:
+        assert self._pass == 2, "call end_pass1 first"
+        h = features.reshape(len(features), -1)
+        step = self._rows_per_block()
+        for lo in range(0, len(h), step):
+            block = h[lo : lo + step].to(torch.float64)
+            yb = labels[lo : lo + len(block)]
+            diff = block - self.means[yb]
+            self.within_sq.index_add_(0, yb, (diff**2).sum(1))
+            self.projected_sq += ((diff @ self.M_pinv.T) ** 2).sum()
+            if self.dim <= GRAM_MAX_WIDTH:
+                self.within_gram += diff.T @ diff
+            else:
+                self.sketch_out += diff.T @ (diff @ self.sketch_in)
+            # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h.mu_c); ||h||^2 is common to all c.
+            dist = self.ncc_sq_norms - 2.0 * block @ self.ncc_means.T
+            ncc = self.ncc_classes[dist.argmin(1)]
+            self.ncc_correct += (ncc == yb).sum()
+            if predictions is not None:
+                self.has_predictions = True
+                self.ncc_mismatch += (ncc != predictions[lo : lo + len(block)]).sum()
+
+    # ---- results ------------------------------------------------------------------------------------
+    def result(
+        self, classifier: torch.Tensor | None = None, next_weight: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        """All metrics of SCIENCE.md's table that the given inputs define."""
+        assert self._pass == 2, "run both passes first"
+        present = self.present
+        counts = self.counts[present]
+        n = counts.sum()
+        within_sq = self.within_sq[present]
+        tr_w = within_sq.sum() / n
+        # Law of total variance: Tr(Sigma_T) = Tr(Sigma_W) + (1/N) sum_c N_c ||mu_c - mean||^2, exact.
+        sample_mean = (counts[:, None] * self.means[present]).sum(0) / n
+        tr_t = tr_w + (counts * ((self.means[present] - sample_mean) ** 2).sum(1)).sum() / n
+        out = {
+            "nc1": self.projected_sq / n,
+            "nc1_ratio": tr_w / tr_t,
+            **nc2_metrics(self.M),
+            "cdnv": cdnv(self.means[present], within_sq / counts),
+            "ncc_acc": self.ncc_correct / n,
+            "stable_rank": (
+                within_sq.sum() / self._spectral_norm_sq() if within_sq.sum() > 0 else torch.tensor(0.0)
+            ),
+        }
+        if self.has_predictions:
+            out["ncc_mismatch"] = self.ncc_mismatch / n
+        if classifier is not None:
+            out["nc3"] = nc3(classifier.to(self.device, torch.float64)[present], self.M)
+        if next_weight is not None:
+            w = next_weight.detach().reshape(len(next_weight), -1).to(self.device, torch.float64)
+            out["nc3_alignment"] = nc3_alignment(self.M, w, self.num_classes)
+            out["weight_stable_rank"] = stable_rank(w)
+        return {k: float(v) for k, v in out.items()}
+
+    def _spectral_norm_sq(self) -> torch.Tensor:
+        """``||H||_2^2`` of the within-class-centred features H (N x d), i.e. lambda_max(H^T H).
+
+        Exact from the d x d Gram when d <= GRAM_MAX_WIDTH. Wider taps keep ``Z = (H^T H) G`` for a fixed
+        Gaussian d x k sketch G and take the largest generalised eigenvalue of ``(G^T S^2 G, G^T S G)``,
+        S = H^T H: a Rayleigh quotient of S, hence a lower bound on lambda_max that is tight when the
+        spectrum is dominated by a few directions (collapsed features); the stable rank is then an
+        upper estimate. One pass, d x k memory.
+        """
+        if self.dim <= GRAM_MAX_WIDTH:
+            return torch.linalg.eigvalsh(self.within_gram)[-1]
+        a = self.sketch_in.T @ self.sketch_out  # G^T S G, k x k
+        b = self.sketch_out.T @ self.sketch_out  # G^T S^2 G
+        evals, evecs = torch.linalg.eigh((a + a.T) / 2)
+        keep = evals > _PINV_RTOL * evals.max()
+        whiten = evecs[:, keep] / evals[keep].sqrt()
+        return torch.linalg.eigvalsh(whiten.T @ b @ whiten)[-1]
+
+    def _rows_per_block(self) -> int:
+        return max(1, _BLOCK_ELEMENTS // max(1, self.dim))
+
+
+# ---- pure functions of the centred class means -------------------------------------------------------
+def nc2_metrics(M: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Equinorm, equiangularity and distance to a simplex ETF of the centred means M (d x C).
+
+    - ``nc2_equinorm = std_c ||M_c|| / mean_c ||M_c||`` (population std; Papyan et al., 003 §3 NC2).
+    - ``nc2_equiangle = mean_{c != c'} |cos(M_c, M_c') + 1/(C-1)|`` (003 §3 NC2).
+    - ``nc2_etf = || M^T M/||M^T M||_F - (I - 11^T/C)/||I - 11^T/C||_F ||_F`` (000 §2.1, 002 §4).
+    """
+    c = M.shape[1]
+    norms = M.norm(dim=0)
+    gram = M.T @ M
+    cos = gram / (norms[:, None] * norms[None, :])
+    off = ~torch.eye(c, dtype=torch.bool, device=M.device)
+    etf = torch.eye(c, dtype=M.dtype, device=M.device) - 1.0 / c
+    return {
+        "nc2_equinorm": norms.std(unbiased=False) / norms.mean(),
+        "nc2_equiangle": (cos[off] + 1.0 / (c - 1)).abs().mean(),
+        "nc2_etf": (gram / gram.norm() - etf / etf.norm()).norm(),
+    }
+
+
+def cdnv(means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """Class-distance normalised variance, mean over pairs i<j of ``(V_i + V_j) / (2 ||mu_i - mu_j||^2)``,
+    ``V_c = mean_{y=c} ||h - mu_c||^2`` (003 §4.1, Galanti et al.). Two coinciding class means give +inf."""
+    c = len(means)
+    i, j = torch.triu_indices(c, c, offset=1, device=means.device)
+    dist_sq = ((means[i] - means[j]) ** 2).sum(1)
+    return ((variances[i] + variances[j]) / (2 * dist_sq)).mean()
+
+
+def nc3(classifier: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Self-duality ``|| W^T/||W||_F - M/||M||_F ||_F`` with W the C x d classifier (000 §2.3)."""
+    return (classifier.T / classifier.norm() - M / M.norm()).norm()
+
+
+def nc3_alignment(M: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean cosine of the principal angles between range(M) and the top-C right-singular subspace of the
+    weight that consumes these features (002 §4 and App. A). 1 means fully aligned.
+
+    range(M) has dimension rank(M) <= C-1; the number of angles is min(rank(M), C).
+    """
+    u, s, _ = torch.linalg.svd(M, full_matrices=False)
+    q_m = u[:, s > _PINV_RTOL**0.5 * s.max()]
+    _, _, vh = torch.linalg.svd(weight, full_matrices=False)
+    v_c = vh[:num_classes].T
+    return torch.linalg.svdvals(q_m.T @ v_c).clamp(max=1.0).mean()
+
+
+def stable_rank(matrix: torch.Tensor) -> torch.Tensor:
+    """``||A||_F^2 / ||A||_2^2`` (002 §4)."""
+    a = matrix.to(torch.float64)
+    return a.norm() ** 2 / torch.linalg.matrix_norm(a, ord=2) ** 2
+
+
+def layer_metrics(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    predictions: torch.Tensor | None = None,
+    classifier: torch.Tensor | None = None,
+    next_weight: torch.Tensor | None = None,
+    means: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Every neural-collapse metric of one layer's features (SCIENCE.md, "Metrics, per layer").
+
+    Args:
+        features: N samples of any shape; each is flattened to a vector.
+        labels: N integer labels in ``[0, num_classes)``.
+        num_classes: C. Classes without samples are left out of every metric (the others are still
+            defined); fewer than 2 classes present is an error.
+        predictions: the network's N predicted labels; adds ``ncc_mismatch`` (NC4, 004 Def. 5/6).
+        classifier: the C x d last-layer weight; adds ``nc3`` (000 §2.3).
+        next_weight: the weight (out x d) of the layer that consumes these features; adds
+            ``nc3_alignment`` (002 App. A) and its ``weight_stable_rank``.
+        means: C x d train class means for the NCC decisions on another split (004 Def. 6); by default
+            this data's own means.
+
+    Returns:
+        ``nc1, nc1_ratio, nc2_equinorm, nc2_equiangle, nc2_etf, cdnv, ncc_acc, stable_rank`` and the
+        optional ones above, as Python floats.
+
+    Raises:
+        DegenerateFeaturesError: non-finite features, fewer than 2 classes, or all class means equal
+        (constant features), for which the collapse metrics are 0/0.
+    """
+    h = features.reshape(len(features), -1)
+    if len(labels) != len(h):
+        raise ValueError(f"features have {len(h)} samples but labels {len(labels)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    if means is not None and means.shape != (num_classes, h.shape[1]):
+        raise ValueError(f"means must be {num_classes} x {h.shape[1]}, got {tuple(means.shape)}")
+    acc = TapAccumulator(num_classes, h.shape[1], h.device)
+    acc.add_pass1(h, labels)
+    acc.end_pass1(means)
+    acc.add_pass2(h, labels, predictions)
+    return acc.result(classifier=classifier, next_weight=next_weight)
+
+
+def effective_depth(ncc_acc_by_layer: list[float], eps: float) -> int:
+    """``L0(eps)``: the smallest 1-based layer index whose train NCC error ``1 - ncc_acc`` is <= eps, or
+    L (the number of layers) if none is (000 §3; 003 "minimal NCC depth")."""
+    for index, acc in enumerate(ncc_acc_by_layer, start=1):
+        if 1.0 - acc <= eps + 1e-12:
+            return index
+    return len(ncc_acc_by_layer)
+
