@@ -155,8 +155,10 @@ class TapAccumulator:
             **nc2_metrics(self.M),
             "cdnv": cdnv(self.means[present], within_sq / counts),
             "ncc_acc": self.ncc_correct / n,
+            # Within-class spread below float64 rounding of the means (relative 1e-10 in norm) is no
+            # spread: its "stable rank" would be that of rounding noise. Collapsed features report 0.
             "stable_rank": (
-                within_sq.sum() / self._spectral_norm_sq() if within_sq.sum() > 0 else torch.tensor(0.0)
+                within_sq.sum() / self._spectral_norm_sq() if tr_w > 1e-20 * tr_t else torch.tensor(0.0)
             ),
         }
         if self.has_predictions:

@@ -1,0 +1,1 @@
+"""The driver side: spec, CLI, orchestration on Ray Tune, MLflow tracking."""

@@ -1,0 +1,99 @@
+"""``python -m sweeper`` / ``sweeper``: parse arguments, call a library function, format its errors.
+
+Bad input ends with one message per problem naming the file and field, exit status 2, no traceback, and
+nothing started or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sweeper.spec import SpecError, load_spec
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field by dotted path, value in YAML (repeatable), e.g. train.epochs=2")
+    p.add_argument("--name", help="sweep name (default: the spec's name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweeper", description="Neural-collapse experiment sweeps on Ray Tune.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="run (or resume) every trial of a spec")
+    _add_spec_args(run)
+    run.add_argument("--storage", type=Path, default=Path("sweeps"),
+                     help="directory holding sweep directories (default: ./sweeps)")
+    run.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                     help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    run.add_argument("--verbose", action="store_true", help="show the trials' own output and Ray's logs")
+    validate = verbs.add_parser("validate", help="check a spec and every trial it expands to")
+    _add_spec_args(validate)
+    plan = verbs.add_parser("plan", help="list the trials a spec expands to, with parameter counts")
+    _add_spec_args(plan)
+    plan.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def _print_results(result) -> None:
+    from sweeper.tracking import ui_command
+
+    cols = ["test_acc", "train_acc", "test_loss", "effective_depth", "epoch"]
+    rows = [[o.trial.run_name, o.status] + [_fmt(o.metrics.get(c)) for c in cols] for o in result.outcomes]
+    header = ["trial", "status"] + cols
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+    failed = [o for o in result.outcomes if o.status == "FAILED"]
+    for o in failed:
+        print(f"failed: {o.trial.run_name}: {o.error.splitlines()[0] if o.error else ''}")
+    print(f"\n{len(result.outcomes) - len(failed)} finished, {len(failed)} failed in {result.wall_s:.1f}s; "
+          f"sweep directory {result.sweep_dir}")
+    print(f"MLflow: {ui_command(result.tracking_uri)}")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_spec(args.spec, args.set, args.name)
+        if args.verb == "validate":
+            from sweeper.spec import expand
+
+            print(f"{args.spec}: valid; {len(expand(loaded))} trials")
+            return 0
+        if args.verb == "plan":
+            from sweeper.plan import plan_rows
+
+            for row in plan_rows(loaded):
+                if args.json:
+                    print(json.dumps(row))
+                else:
+                    print("  ".join(f"{k}={v}" for k, v in row.items() if k != "key"))
+            return 0
+        from sweeper.orchestrate import run_sweep
+        from sweeper.tracking import default_tracking_uri
+
+        result = run_sweep(loaded, storage=args.storage, address=args.address,
+                           tracking_uri=default_tracking_uri(), verbose=args.verbose)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _print_results(result)
+    return 0 if all(o.status == "FINISHED" for o in result.outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Running a sweep: the sweep directory, Ray, the Tune experiment, the MLflow parent run.
+
+A sweep directory (``STORAGE/NAME``) holds the frozen spec (``spec.yaml``), ``sweep.json`` (sweep id,
+spec hash, tracking URI) and the Tune experiment (``tune/``: trial table and checkpoints). Running the same
+spec again with the same storage resumes it; a different spec under the same name is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sweeper.spec import LoadedSpec, PlannedTrial, SpecError, expand
+
+TUNE_DIR = "tune"
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial: PlannedTrial
+    status: str  # FINISHED | FAILED
+    metrics: dict[str, float]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    outcomes: list[TrialOutcome]
+    wall_s: float
+
+
+def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Path, tracking_uri: str) -> dict[str, Any]:
+    """Create the sweep directory, or check that an existing one holds the same spec; return sweep.json."""
+    meta_path = sweep_dir / "sweep.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["spec_hash"] != loaded.hash:
+            old = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
+            changed = sorted(_diff(old, loaded.resolved))
+            raise SpecError(
+                f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
+                f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
+            )
+        return meta
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"sweep_id": uuid.uuid4().hex, "spec_hash": loaded.hash, "tracking_uri": tracking_uri,
+            "name": loaded.spec.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)  # sweep.json last: its presence means the directory is complete
+    return meta
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> set[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: set[str] = set()
+        for key in set(old) | set(new):
+            out |= _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return set() if old == new else {prefix.rstrip(".")}
+
+
+def trial_dirname(trial) -> str:
+    """Short, stable trial directory names (Tune's default embeds the whole config)."""
+    return f"trial_{trial.config['point']['key']}"
+
+
+def _init_ray(address: str | None, env_vars: dict[str, str], verbose: bool) -> None:
+    import ray
+
+    # Trial stdout/stderr (Ray's per-checkpoint INFO lines) stay in Ray's log files unless verbose;
+    # failures reach the user through the results table and the MLflow run's failure tag.
+    common = dict(runtime_env={"env_vars": env_vars}, logging_level=logging.WARNING, log_to_driver=verbose)
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(include_dashboard=False, **common)
+
+
+def check_resources(loaded: LoadedSpec, address: str | None) -> None:
+    """Refuse a GPU request on a machine without one before anything is started (local runs)."""
+    gpu = loaded.spec.resources.gpu
+    if gpu > 0 and not address:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise SpecError(
+                f"{loaded.path}: resources.gpu: {gpu} requested but this machine has no CUDA GPU; "
+                "use resources.gpu: 0 or run on a cluster with --address"
+            )
+
+
+def run_sweep(
+    loaded: LoadedSpec, *, storage: Path, address: str | None, tracking_uri: str,
+    progress: bool = True, verbose: bool = False,
+) -> SweepResult:
+    """Run (or resume) every trial of the spec as one Ray Tune experiment; return each trial's outcome."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from sweeper.progress import ProgressPrinter
+    from sweeper.tracking import ensure_parent_run, finish_parent_run
+    from sweeper.trial import run_trial
+
+    spec = loaded.spec
+    trials = expand(loaded)
+    check_resources(loaded, address)
+    started = time.perf_counter()
+    sweep_dir = (storage / spec.name).resolve()
+    meta = prepare_sweep_dir(loaded, sweep_dir, tracking_uri)
+    tracking_uri = meta["tracking_uri"]
+    client = MlflowClient(tracking_uri)
+    experiment_id, parent_run_id = ensure_parent_run(
+        client, experiment=spec.experiment, sweep_id=meta["sweep_id"], sweep_name=spec.name,
+        spec_hash=loaded.hash, spec_text=(sweep_dir / "spec.yaml").read_text(), sweep_dir=str(sweep_dir),
+    )
+    sweep_ctx = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                 "sweep_id": meta["sweep_id"], "spec_hash": loaded.hash}
+    points = [
+        {"trial": t.config.model_dump(mode="json"), "key": t.key, "name": t.run_name, "cell": t.cell}
+        for t in trials
+    ]
+    # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (PITFALLS.md 9); MLflow
+    # holds the metrics.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # num_to_keep forces an experiment snapshot after checkpoints: that narrows the replay window on
+    # resume (PITFALLS.md 1), so the warning that it happens often is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
+    # the in-memory trial table and MLflow instead.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    _init_ray(address, {"MLFLOW_TRACKING_URI": tracking_uri, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"},
+              verbose)
+    try:
+        trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        experiment_path = sweep_dir / TUNE_DIR
+        if tune.Tuner.can_restore(str(experiment_path)):
+            tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"point": tune.grid_search(points), "sweep": sweep_ctx},
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=TUNE_DIR,
+                    storage_path=str(sweep_dir),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[ProgressPrinter(len(points), spec.objective.metric)] if progress else [],
+                    verbose=0,
+                ),
+            )
+        grid = tuner.fit()
+    finally:
+        import ray
+
+        ray.shutdown()
+
+    by_key = {t.key: t for t in trials}
+    outcomes = []
+    for result in grid:
+        key = result.config["point"]["key"]
+        error = f"{type(result.error).__name__}: {result.error}" if result.error else None
+        outcomes.append(
+            TrialOutcome(by_key[key], "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
+        )
+    outcomes.sort(key=lambda o: o.trial.index)
+    finish_parent_run(client, parent_run_id, _parent_summary(loaded, outcomes),
+                      {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))})
+    return SweepResult(sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes,
+                       time.perf_counter() - started)
+
+
+def _parent_summary(loaded: LoadedSpec, outcomes: list[TrialOutcome]) -> dict[str, float]:
+    metric, mode = loaded.spec.objective.metric, loaded.spec.objective.mode
+    values = [o.metrics[metric] for o in outcomes if o.status == "FINISHED" and metric in o.metrics]
+    summary = {"trials_finished": float(sum(o.status == "FINISHED" for o in outcomes)),
+               "trials_failed": float(sum(o.status == "FAILED" for o in outcomes))}
+    if values:
+        summary[f"best_{metric}"] = max(values) if mode == "max" else min(values)
+    return summary

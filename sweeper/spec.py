@@ -1,0 +1,260 @@
+"""The sweep spec: one YAML file, validated once at the edge, expanded into one trial config per grid point.
+
+A spec holds every :class:`~trainables.config.TrialConfig` field as the base values of its trials, plus
+what only a sweep has (name, MLflow experiment, objective, grid, resources). A grid key is a dotted path
+into the trial config (``seed``, ``dataset``, ``model.mlp.width``, ``train.optimizer.lr``); every
+combination of the grid's values is one trial. Errors name the file and the field path and say what is
+allowed; nothing else in the program parses YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig
+
+RUN_LEVEL_METRICS = (
+    "test_acc",
+    "train_acc",
+    "test_loss",
+    "train_loss",
+    "batch_loss",
+    "effective_depth",
+)
+"""Metrics a spec's objective may name (what every trial reports to Tune every epoch)."""
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class SpecError(Exception):
+    """An invalid spec; ``str(err)`` is the whole message for the user, one problem per line."""
+
+
+class Objective(Frozen):
+    metric: Literal[RUN_LEVEL_METRICS] = "test_acc"  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+
+
+class Resources(Frozen):
+    """Per trial. Fractional GPUs pack several trials on one device (Ray schedules, it does not cap memory)."""
+
+    cpu: Annotated[float, Field(gt=0, le=1024)] = 1
+    gpu: Annotated[float, Field(ge=0, le=64)] = 0
+
+
+class SweepSpec(TrialConfig):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    experiment: Annotated[str, Field(min_length=1, max_length=200)] = "neural-collapse"
+    objective: Objective = Objective()
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    resources: Resources = Resources()
+    max_failures: Annotated[int, Field(ge=0, le=100)] = 2
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_paths_exist(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path in grid:
+            _check_path(path)
+        return grid
+
+
+def _check_path(path: str) -> None:
+    """Raise ValueError unless ``path`` names a field of TrialConfig (sections may not be grid keys)."""
+    model: type[BaseModel] = TrialConfig
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the trial config"
+            raise ValueError(f"grid key '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth == len(parts) - 1:
+            if is_section:
+                sub = ", ".join(f"{path}.{f}" for f in annotation.model_fields)
+                raise ValueError(f"grid key '{path}' is a section; grid one of its fields: {sub}")
+        elif not is_section:
+            raise ValueError(f"grid key '{path}': '{'.'.join(parts[: depth + 1])}' has no sub-fields")
+        else:
+            model = annotation
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One grid point: its stable key, the values that vary across the grid, and its full config."""
+
+    key: str
+    index: int
+    varying: dict[str, Any]
+    config: TrialConfig
+
+    @property
+    def run_name(self) -> str:
+        return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items()) or "trial"
+
+    @property
+    def cell(self) -> str:
+        """The grid cell: the varying values except the seed (seeds are repeats of one variant)."""
+        return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items() if k != "seed") or "all"
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
+
+
+def _set_path(data: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        child = data.get(key)
+        if not isinstance(child, dict):
+            child = data[key] = {}
+        data = child
+    data[leaf] = value
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _allowed_fields(loc: tuple) -> list[str] | None:
+    """Field names allowed at the parent of ``loc`` in a SweepSpec, for 'unknown field' messages."""
+    model: type[BaseModel] = SweepSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(source: str, err: ValidationError, prefix: tuple = ()) -> str:
+    lines = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(tuple(e["loc"]))
+            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("model_type", "dict_type"):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {_format_loc(loc)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["train.epochs=2", "grid.seed=[0, 1]"]`` -> pairs; values are parsed as YAML."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_.]+)*", key):
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.epochs=2")
+        try:
+            out.append((key, yaml.safe_load(raw)))
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set {item!r}: value is not valid YAML: {err}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    spec: SweepSpec
+    path: Path
+    resolved: dict[str, Any]
+    """The spec after overrides, with every default filled in: what is frozen in the sweep directory."""
+
+    @property
+    def hash(self) -> str:
+        return spec_hash(self.resolved)
+
+
+def spec_hash(resolved: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = None) -> LoadedSpec:
+    """Read, override and validate a spec, and check that every grid point is a valid trial.
+
+    Raises:
+        SpecError: with one line per problem, each naming the file and the field path.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"{source}: cannot read spec: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{source}: not valid YAML: {err}") from None
+    if data is None:
+        raise SpecError(f"{source}: the spec is empty; it needs at least 'name' (see search_spaces/quickstart.yaml)")
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(data).__name__}")
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(data, key, value)
+    if name is not None:
+        data["name"] = name
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(source, err)) from None
+    loaded = LoadedSpec(spec, path, spec.model_dump(mode="json"))
+    expand(loaded)  # every grid point must be a valid trial before anything starts
+    return loaded
+
+
+def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
+    """One :class:`PlannedTrial` per combination of the grid's values, in a stable order."""
+    spec = loaded.spec
+    base = {k: v for k, v in loaded.resolved.items() if k in TRIAL_FIELDS}
+    keys = list(spec.grid)
+    trials, errors = [], []
+    for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
+        data = json.loads(json.dumps(base))
+        for key, value in zip(keys, combo):
+            _set_path(data, key, value)
+        try:
+            config = TrialConfig.model_validate(data)
+        except ValidationError as err:
+            for e in err.errors():
+                loc = ".".join(str(p) for p in e["loc"])
+                where = next((f"grid.{k}[{spec.grid[k].index(v)}]" for k, v in zip(keys, combo)
+                              if loc == k or loc.startswith(k + ".")), loc)
+                msg = f"{loaded.path}: {where}: {e['msg']} (got {e.get('input')!r})"
+                if msg not in errors:
+                    errors.append(msg)
+            continue
+        resolved = config.model_dump(mode="json")
+        key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
+        trials.append(PlannedTrial(key, index, dict(zip(keys, combo)), config))
+    if errors:
+        raise SpecError("\n".join(errors))
+    seen: dict[str, PlannedTrial] = {}
+    for t in trials:
+        if t.key in seen:
+            raise SpecError(
+                f"{loaded.path}: grid: grid points {seen[t.key].index} and {t.index} are the same trial "
+                f"({t.run_name}); remove the duplicate value"
+            )
+        seen[t.key] = t
+    return trials

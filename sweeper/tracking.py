@@ -1,0 +1,163 @@
+"""MLflow layout: one parent run per sweep, one nested child run per trial, found again by tags.
+
+Ray Tune replays work on restore (PITFALLS.md 1, 12-13), so every write here is idempotent: the parent is
+found by the sweep id tag before one is created; a trial finds its child by sweep id + trial key before
+creating one; an epoch is logged only when it is later than the last epoch already logged, as one
+synchronous ``log_batch`` whose last metric is the ``epoch`` sentinel. A trial killed halfway through a
+batch therefore re-logs that epoch at most partially, never a step that is already complete.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from trainables.config import METRIC_DEFINITIONS_VERSION
+
+TAG_SWEEP = "sweeper.sweep_id"
+TAG_ROLE = "sweeper.role"
+TAG_TRIAL = "sweeper.trial_key"
+TAG_CELL = "sweeper.cell"
+TAG_SPEC_HASH = "sweeper.spec_hash"
+TAG_SWEEP_DIR = "sweeper.sweep_dir"
+TAG_FAILURE = "sweeper.failure"
+TAG_METRICS_VERSION = "sweeper.metric_definitions"
+SENTINEL = "epoch"  # logged last in every epoch's batch: its history is the set of complete epochs
+
+
+def default_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else an absolute SQLite store in the working directory.
+
+    Absolute, because Ray workers run in Ray's session directory: a relative ``sqlite:///mlflow.db``
+    would silently write a throwaway database there (PITFALLS.md 7).
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> flat dotted params (``model.mlp.width``), values as MLflow stores them."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
+    clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=clause, max_results=2, order_by=["start_time ASC"])
+    return runs[0] if runs else None
+
+
+def ensure_parent_run(
+    client: MlflowClient, *, experiment: str, sweep_id: str, sweep_name: str, spec_hash: str,
+    spec_text: str, sweep_dir: str,
+) -> tuple[str, str]:
+    """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``."""
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run = _find_run(client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
+    if run is None:
+        tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "parent", TAG_SPEC_HASH: spec_hash, TAG_SWEEP_DIR: sweep_dir}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, tags=tags, run_name=sweep_name)
+        client.log_text(run.info.run_id, spec_text, "spec.yaml")
+    elif run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
+    return experiment_id, run.info.run_id
+
+
+def finish_parent_run(client: MlflowClient, run_id: str, summary: dict[str, float], tags: dict[str, str]) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    client.set_terminated(run_id, "FINISHED")
+
+
+class TrialTracker:
+    """The child run of one trial. Construct inside the trial, with the tracking URI passed explicitly."""
+
+    def __init__(
+        self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, trial_key: str,
+        run_name: str, params: dict[str, Any], tags: dict[str, str],
+    ) -> None:
+        self.client = MlflowClient(tracking_uri)
+        run = _find_run(self.client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key})
+        if run is None:
+            all_tags = {
+                "mlflow.parentRunId": parent_run_id,
+                TAG_SWEEP: sweep_id,
+                TAG_TRIAL: trial_key,
+                TAG_ROLE: "trial",
+                TAG_METRICS_VERSION: METRIC_DEFINITIONS_VERSION,
+                **tags,
+            }
+            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            self.run_id = run.info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+            self.last_epoch = 0
+        else:
+            self.run_id = run.info.run_id
+            history = self.client.get_metric_history(self.run_id, SENTINEL)
+            self.last_epoch = int(max((m.step for m in history), default=0))
+            if run.info.status != "RUNNING" and run.info.status != "FINISHED":
+                self.client.update_run(self.run_id, status="RUNNING")
+        self.status = self.client.get_run(self.run_id).info.status
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    def latest_metrics(self) -> dict[str, float]:
+        return dict(self.client.get_run(self.run_id).data.metrics)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Log one epoch unless it is already logged; return whether it was logged."""
+        if epoch <= self.last_epoch:
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != SENTINEL]
+        batch.append(Metric(SENTINEL, float(epoch), now, epoch))
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.last_epoch = epoch
+        return True
+
+    def finish(self, summary: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.status = "FINISHED"
+
+    def fail(self, reason: str) -> None:
+        self.client.set_tag(self.run_id, TAG_FAILURE, reason[:4000])
+        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+        self.status = "FAILED"

@@ -1,0 +1,74 @@
+"""The Ray Tune function trainable: runs :func:`trainables.loop.train` with MLflow and Tune checkpoints.
+
+Tune may run this function again for a trial that already ran (restore replays work, retries after a
+failure): it continues from Tune's checkpoint when there is one, logs to MLflow only the epochs its child
+run does not hold yet, and does not train a trial whose child run already FINISHED.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from sweeper.tracking import TAG_CELL, TAG_SPEC_HASH, TrialTracker
+from trainables.checkpoint import STATE_FILE, load_state, save_state
+from trainables.config import TrialConfig
+from trainables.loop import train
+
+
+def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The run-level subset Tune keeps in its experiment state; per-layer keys go to MLflow only."""
+    return {k: float(v) for k, v in metrics.items() if "/" not in k}
+
+
+class TuneReporter:
+    def __init__(self, tracker: TrialTracker) -> None:
+        self.tracker = tracker
+
+    def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        # MLflow first and synchronously: once Tune holds a checkpoint past this epoch, the epoch is logged.
+        self.tracker.log_epoch(epoch, metrics)
+        result = {"epoch": epoch, **tune_metrics(metrics)}
+        if state is None:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
+            save_state(state, Path(tmp) / STATE_FILE)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune entry point. ``params["point"]``: ``trial`` (a TrialConfig dict), ``key``, ``name``, ``cell``;
+    ``params["sweep"]``: tracking URI, experiment and parent run ids, sweep id, spec hash."""
+    point, sweep = params["point"], params["sweep"]
+    cfg = TrialConfig.model_validate(point["trial"])
+    tracker = TrialTracker(
+        tracking_uri=sweep["tracking_uri"],
+        experiment_id=sweep["experiment_id"],
+        parent_run_id=sweep["parent_run_id"],
+        sweep_id=sweep["sweep_id"],
+        trial_key=point["key"],
+        run_name=point["name"],
+        params=point["trial"],
+        tags={TAG_CELL: point["cell"], TAG_SPEC_HASH: sweep["spec_hash"]},
+    )
+    if tracker.finished:
+        # Replayed after the trial had already ended (PITFALLS.md 1): report its final result, train nothing.
+        final = tracker.latest_metrics()
+        tune.report({"epoch": tracker.last_epoch, **tune_metrics(final)})
+        return
+    checkpoint = tune.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_state(Path(directory) / STATE_FILE)
+    try:
+        summary = train(cfg, TuneReporter(tracker), state)
+    except Exception as err:
+        tracker.fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+        raise
+    tracker.finish(summary)
