@@ -19,20 +19,34 @@ EXIT_BAD_INPUT = 2
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", type=Path, help="sweep spec (YAML)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field by dotted path, value in YAML (repeatable), e.g. train.epochs=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field by dotted path, value in YAML (repeatable), e.g. train.epochs=2",
+    )
     p.add_argument("--name", help="sweep name (default: the spec's name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweeper", description="Neural-collapse experiment sweeps on Ray Tune.")
+    parser = argparse.ArgumentParser(
+        prog="sweeper", description="Neural-collapse experiment sweeps on Ray Tune."
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="run (or resume) every trial of a spec")
     _add_spec_args(run)
-    run.add_argument("--storage", type=Path, default=Path("sweeps"),
-                     help="directory holding sweep directories (default: ./sweeps)")
-    run.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                     help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)")
+    run.add_argument(
+        "--storage",
+        type=Path,
+        default=Path("sweeps"),
+        help="directory holding sweep directories (default: ./sweeps)",
+    )
+    run.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)",
+    )
     run.add_argument("--verbose", action="store_true", help="show the trials' own output and Ray's logs")
     validate = verbs.add_parser("validate", help="check a spec and every trial it expands to")
     _add_spec_args(validate)
@@ -54,8 +68,10 @@ def _print_results(result) -> None:
     failed = [o for o in result.outcomes if o.status == "FAILED"]
     for o in failed:
         print(f"failed: {o.trial.run_name}: {o.error.splitlines()[0] if o.error else ''}")
-    print(f"\n{len(result.outcomes) - len(failed)} finished, {len(failed)} failed in {result.wall_s:.1f}s; "
-          f"sweep directory {result.sweep_dir}")
+    print(
+        f"\n{len(result.outcomes) - len(failed)} finished, {len(failed)} failed in {result.wall_s:.1f}s; "
+        f"sweep directory {result.sweep_dir}"
+    )
     print(f"MLflow: {ui_command(result.tracking_uri)}")
 
 
@@ -86,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         from sweeper.orchestrate import run_sweep
         from sweeper.tracking import default_tracking_uri
 
-        result = run_sweep(loaded, storage=args.storage, address=args.address,
-                           tracking_uri=default_tracking_uri(), verbose=args.verbose)
+        result = run_sweep(
+            loaded,
+            storage=args.storage,
+            address=args.address,
+            tracking_uri=default_tracking_uri(),
+            verbose=args.verbose,
+        )
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -55,8 +55,13 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Path, tracking_uri: str) ->
             )
         return meta
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"sweep_id": uuid.uuid4().hex, "spec_hash": loaded.hash, "tracking_uri": tracking_uri,
-            "name": loaded.spec.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    meta = {
+        "sweep_id": uuid.uuid4().hex,
+        "spec_hash": loaded.hash,
+        "tracking_uri": tracking_uri,
+        "name": loaded.spec.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -104,8 +109,13 @@ def check_resources(loaded: LoadedSpec, address: str | None) -> None:
 
 
 def run_sweep(
-    loaded: LoadedSpec, *, storage: Path, address: str | None, tracking_uri: str,
-    progress: bool = True, verbose: bool = False,
+    loaded: LoadedSpec,
+    *,
+    storage: Path,
+    address: str | None,
+    tracking_uri: str,
+    progress: bool = True,
+    verbose: bool = False,
 ) -> SweepResult:
     """Run (or resume) every trial of the spec as one Ray Tune experiment; return each trial's outcome."""
     from mlflow.tracking import MlflowClient
@@ -124,11 +134,21 @@ def run_sweep(
     tracking_uri = meta["tracking_uri"]
     client = MlflowClient(tracking_uri)
     experiment_id, parent_run_id = ensure_parent_run(
-        client, experiment=spec.experiment, sweep_id=meta["sweep_id"], sweep_name=spec.name,
-        spec_hash=loaded.hash, spec_text=(sweep_dir / "spec.yaml").read_text(), sweep_dir=str(sweep_dir),
+        client,
+        experiment=spec.experiment,
+        sweep_id=meta["sweep_id"],
+        sweep_name=spec.name,
+        spec_hash=loaded.hash,
+        spec_text=(sweep_dir / "spec.yaml").read_text(),
+        sweep_dir=str(sweep_dir),
     )
-    sweep_ctx = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-                 "sweep_id": meta["sweep_id"], "spec_hash": loaded.hash}
+    sweep_ctx = {
+        "tracking_uri": tracking_uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "sweep_id": meta["sweep_id"],
+        "spec_hash": loaded.hash,
+    }
     points = [
         {"trial": t.config.model_dump(mode="json"), "key": t.key, "name": t.run_name, "cell": t.cell}
         for t in trials
@@ -143,8 +163,9 @@ def run_sweep(
     # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
     # the in-memory trial table and MLflow instead.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    _init_ray(address, {"MLFLOW_TRACKING_URI": tracking_uri, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"},
-              verbose)
+    _init_ray(
+        address, {"MLFLOW_TRACKING_URI": tracking_uri, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}, verbose
+    )
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment_path = sweep_dir / TUNE_DIR
@@ -155,7 +176,8 @@ def run_sweep(
                 trainable,
                 param_space={"point": tune.grid_search(points), "sweep": sweep_ctx},
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+                    max_concurrent_trials=spec.max_concurrent,
+                    reuse_actors=True,
                     trial_dirname_creator=trial_dirname,
                 ),
                 run_config=tune.RunConfig(
@@ -182,17 +204,24 @@ def run_sweep(
             TrialOutcome(by_key[key], "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
         )
     outcomes.sort(key=lambda o: o.trial.index)
-    finish_parent_run(client, parent_run_id, _parent_summary(loaded, outcomes),
-                      {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))})
-    return SweepResult(sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes,
-                       time.perf_counter() - started)
+    finish_parent_run(
+        client,
+        parent_run_id,
+        _parent_summary(loaded, outcomes),
+        {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))},
+    )
+    return SweepResult(
+        sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes, time.perf_counter() - started
+    )
 
 
 def _parent_summary(loaded: LoadedSpec, outcomes: list[TrialOutcome]) -> dict[str, float]:
     metric, mode = loaded.spec.objective.metric, loaded.spec.objective.mode
     values = [o.metrics[metric] for o in outcomes if o.status == "FINISHED" and metric in o.metrics]
-    summary = {"trials_finished": float(sum(o.status == "FINISHED" for o in outcomes)),
-               "trials_failed": float(sum(o.status == "FAILED" for o in outcomes))}
+    summary = {
+        "trials_finished": float(sum(o.status == "FINISHED" for o in outcomes)),
+        "trials_failed": float(sum(o.status == "FAILED" for o in outcomes)),
+    }
     if values:
         summary[f"best_{metric}"] = max(values) if mode == "max" else min(values)
     return summary

@@ -17,6 +17,13 @@ def plan_rows(loaded: LoadedSpec) -> list[dict[str, Any]]:
         # The meta device gives shapes without allocating: a ViT preset is counted as fast as an MLP.
         with torch.device("meta"):
             model = build_model(trial.config, dataset_info(trial.config))
-        rows.append({"trial": trial.index, "key": trial.key, "run_name": trial.run_name, **trial.varying,
-                     **parameter_counts(model)})
+        rows.append(
+            {
+                "trial": trial.index,
+                "key": trial.key,
+                "run_name": trial.run_name,
+                **trial.varying,
+                **parameter_counts(model),
+            }
+        )
     return rows

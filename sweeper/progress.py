@@ -22,8 +22,12 @@ class ProgressPrinter(Callback):
         value = result.get(self.metric)
         shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else ""
         elapsed = time.perf_counter() - self.started
-        print(f"[{self.done}/{self.total} {elapsed:6.1f}s] {status:8s} {name} "
-              f"epoch={result.get('epoch', 0)} {shown}", file=sys.stderr, flush=True)
+        print(
+            f"[{self.done}/{self.total} {elapsed:6.1f}s] {status:8s} {name} "
+            f"epoch={result.get('epoch', 0)} {shown}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trial, "finished")

@@ -76,7 +76,9 @@ def _check_path(path: str) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[:depth]) or "the trial config"
-            raise ValueError(f"grid key '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}")
+            raise ValueError(
+                f"grid key '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}"
+            )
         annotation = fields[part].annotation
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if depth == len(parts) - 1:
@@ -207,7 +209,9 @@ def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = No
     except yaml.YAMLError as err:
         raise SpecError(f"{source}: not valid YAML: {err}") from None
     if data is None:
-        raise SpecError(f"{source}: the spec is empty; it needs at least 'name' (see search_spaces/quickstart.yaml)")
+        raise SpecError(
+            f"{source}: the spec is empty; it needs at least 'name' (see search_spaces/quickstart.yaml)"
+        )
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(data).__name__}")
     for key, value in parse_overrides(list(overrides)):
@@ -238,8 +242,14 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
         except ValidationError as err:
             for e in err.errors():
                 loc = ".".join(str(p) for p in e["loc"])
-                where = next((f"grid.{k}[{spec.grid[k].index(v)}]" for k, v in zip(keys, combo)
-                              if loc == k or loc.startswith(k + ".")), loc)
+                where = next(
+                    (
+                        f"grid.{k}[{spec.grid[k].index(v)}]"
+                        for k, v in zip(keys, combo)
+                        if loc == k or loc.startswith(k + ".")
+                    ),
+                    loc,
+                )
                 msg = f"{loaded.path}: {where}: {e['msg']} (got {e.get('input')!r})"
                 if msg not in errors:
                     errors.append(msg)

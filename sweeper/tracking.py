@@ -70,13 +70,21 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
     clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([experiment_id], filter_string=clause, max_results=2, order_by=["start_time ASC"])
+    runs = client.search_runs(
+        [experiment_id], filter_string=clause, max_results=2, order_by=["start_time ASC"]
+    )
     return runs[0] if runs else None
 
 
 def ensure_parent_run(
-    client: MlflowClient, *, experiment: str, sweep_id: str, sweep_name: str, spec_hash: str,
-    spec_text: str, sweep_dir: str,
+    client: MlflowClient,
+    *,
+    experiment: str,
+    sweep_id: str,
+    sweep_name: str,
+    spec_hash: str,
+    spec_text: str,
+    sweep_dir: str,
 ) -> tuple[str, str]:
     """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``."""
     exp = client.get_experiment_by_name(experiment)
@@ -93,7 +101,9 @@ def ensure_parent_run(
     return experiment_id, run.info.run_id
 
 
-def finish_parent_run(client: MlflowClient, run_id: str, summary: dict[str, float], tags: dict[str, str]) -> None:
+def finish_parent_run(
+    client: MlflowClient, run_id: str, summary: dict[str, float], tags: dict[str, str]
+) -> None:
     now = int(time.time() * 1000)
     client.log_batch(
         run_id,
@@ -107,8 +117,16 @@ class TrialTracker:
     """The child run of one trial. Construct inside the trial, with the tracking URI passed explicitly."""
 
     def __init__(
-        self, *, tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str, trial_key: str,
-        run_name: str, params: dict[str, Any], tags: dict[str, str],
+        self,
+        *,
+        tracking_uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        sweep_id: str,
+        trial_key: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
     ) -> None:
         self.client = MlflowClient(tracking_uri)
         run = _find_run(self.client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key})

@@ -33,16 +33,21 @@ def reference_metrics(h, y, num_classes, *, predictions=None, classifier=None, n
     out["nc2_equinorm"] = norms.std() / norms.mean()
     cos = [
         abs(M[:, i] @ M[:, j] / (norms[i] * norms[j]) + 1 / (C - 1))
-        for i in range(C) for j in range(C) if i != j
+        for i in range(C)
+        for j in range(C)
+        if i != j
     ]
     out["nc2_equiangle"] = np.mean(cos)
     mtm = M.T @ M
     etf = np.eye(C) - np.ones((C, C)) / C
     out["nc2_etf"] = np.linalg.norm(mtm / np.linalg.norm(mtm) - etf / np.linalg.norm(etf))
     var = {c: np.mean(np.sum((h[y == c] - mu[c]) ** 2, axis=1)) for c in classes}
-    out["cdnv"] = np.mean([
-        (var[a] + var[b]) / (2 * np.sum((mu[a] - mu[b]) ** 2)) for a, b in itertools.combinations(classes, 2)
-    ])
+    out["cdnv"] = np.mean(
+        [
+            (var[a] + var[b]) / (2 * np.sum((mu[a] - mu[b]) ** 2))
+            for a, b in itertools.combinations(classes, 2)
+        ]
+    )
     if means is None:
         ncc_means, ncc_labels = np.stack([mu[c] for c in classes]), np.array(classes)
     else:

@@ -48,13 +48,22 @@ def test_layer_metrics_match_float64_reference(n, d, c, unbalanced):
     next_weight = rng.standard_normal((7 if d > 7 else d + 3, d))
     train_means = rng.standard_normal((c, d))
     ours = layer_metrics(
-        torch.tensor(h, dtype=torch.float32), torch.tensor(y), c,
-        predictions=torch.tensor(predictions), classifier=torch.tensor(classifier),
-        next_weight=torch.tensor(next_weight), means=torch.tensor(train_means),
+        torch.tensor(h, dtype=torch.float32),
+        torch.tensor(y),
+        c,
+        predictions=torch.tensor(predictions),
+        classifier=torch.tensor(classifier),
+        next_weight=torch.tensor(next_weight),
+        means=torch.tensor(train_means),
     )
     # The reference sees the same float32-rounded features the engine sees.
     ref = reference_metrics(
-        np.float32(h), y, c, predictions=predictions, classifier=classifier, next_weight=next_weight,
+        np.float32(h),
+        y,
+        c,
+        predictions=predictions,
+        classifier=classifier,
+        next_weight=next_weight,
         means=train_means,
     )
     if d > nc.GRAM_MAX_WIDTH:  # sketched estimate, tested in its own test
@@ -96,9 +105,19 @@ def test_streaming_in_chunks_equals_layer_metrics():
 def test_features_at_a_simplex_etf_are_fully_collapsed(c, d):
     h, y, vertices = simplex_etf_features(c, d, per_class=7, scale=2.5)
     classifier = vertices  # W^T = M when the global mean is 0: the self-dual classifier
-    out = layer_metrics(torch.tensor(h), torch.tensor(y), c, classifier=torch.tensor(classifier),
-                        predictions=torch.tensor(y))
-    for key in ("nc1", "nc1_ratio", "nc2_equinorm", "nc2_equiangle", "nc2_etf", "cdnv", "nc3", "ncc_mismatch"):
+    out = layer_metrics(
+        torch.tensor(h), torch.tensor(y), c, classifier=torch.tensor(classifier), predictions=torch.tensor(y)
+    )
+    for key in (
+        "nc1",
+        "nc1_ratio",
+        "nc2_equinorm",
+        "nc2_equiangle",
+        "nc2_etf",
+        "cdnv",
+        "nc3",
+        "ncc_mismatch",
+    ):
         assert out[key] == pytest.approx(0.0, abs=1e-10), key
     assert out["ncc_acc"] == 1.0
     assert out["stable_rank"] == 0.0  # no within-class spread at all
@@ -139,7 +158,11 @@ def test_sketched_stable_rank_of_wide_collapsing_features_is_close():
     n, d, c = 400, nc.GRAM_MAX_WIDTH + 500, 4
     y = np.arange(n) % c
     direction = rng.standard_normal(d)
-    h = 5 * rng.standard_normal((c, d))[y] + rng.standard_normal((n, 1)) * direction + 0.05 * rng.standard_normal((n, d))
+    h = (
+        5 * rng.standard_normal((c, d))[y]
+        + rng.standard_normal((n, 1)) * direction
+        + 0.05 * rng.standard_normal((n, d))
+    )
     ours = layer_metrics(torch.tensor(h), torch.tensor(y), c)["stable_rank"]
     exact = reference_metrics(h, y, c)["stable_rank"]
     assert exact <= ours <= 1.05 * exact
@@ -194,7 +217,9 @@ def test_invariant_to_sample_order_and_scale(seed, scale, c, d):
     pred = rng.integers(0, c, size=len(y))
     base = layer_metrics(torch.tensor(h), torch.tensor(y), c, predictions=torch.tensor(pred))
     perm = rng.permutation(len(y))
-    shuffled = layer_metrics(torch.tensor(h[perm]), torch.tensor(y[perm]), c, predictions=torch.tensor(pred[perm]))
+    shuffled = layer_metrics(
+        torch.tensor(h[perm]), torch.tensor(y[perm]), c, predictions=torch.tensor(pred[perm])
+    )
     scaled = layer_metrics(torch.tensor(scale * h), torch.tensor(y), c, predictions=torch.tensor(pred))
     for key in base:
         assert shuffled[key] == pytest.approx(base[key], rel=1e-8, abs=1e-10), key

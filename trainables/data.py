@@ -10,8 +10,8 @@ Offline datasets ship with a package or are generated, so tests and the quicksta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

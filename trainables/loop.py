@@ -75,18 +75,21 @@ class Trainer:
 
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "shuffle_rng": self.shuffle.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "interpolation_epoch": self.interpolation_epoch,
-            "best_epoch": self.best_epoch,
-            "best_metrics": dict(self.best_metrics),
-            "last_metrics": dict(self.last_metrics),
-        }
+        """A snapshot on the CPU: later training steps do not change it (state_dict() returns live views)."""
+        return _cpu_copy(
+            {
+                "epoch": self.epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "shuffle_rng": self.shuffle.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "interpolation_epoch": self.interpolation_epoch,
+                "best_epoch": self.best_epoch,
+                "best_metrics": dict(self.best_metrics),
+                "last_metrics": dict(self.last_metrics),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -136,7 +139,11 @@ class Trainer:
             self.epoch += 1
             collapse = self.epoch % cfg.metrics.every == 0 or self.epoch == cfg.train.epochs
             metrics = measure(
-                self.model, self.splits, self.data.num_classes, batch_size=cfg.metrics.batch_size, collapse=collapse
+                self.model,
+                self.splits,
+                self.data.num_classes,
+                batch_size=cfg.metrics.batch_size,
+                collapse=collapse,
             )
             metrics.update(batch_loss=batch_loss, lr=lr, **{k: float(v) for k, v in self.params.items()})
             if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
@@ -162,6 +169,16 @@ class Trainer:
         out["best_epoch"] = float(self.best_epoch)
         out["interpolation_epoch"] = float(self.interpolation_epoch)
         return out
+
+
+def _cpu_copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 def train(cfg: TrialConfig, reporter: Reporter, state: dict[str, Any] | None = None) -> dict[str, float]:

@@ -1,0 +1,183 @@
+"""Spec parsing, grid expansion, every rejection, and the CLI's bad-input contract (exit 2, no traceback,
+nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sweeper.cli import main
+from sweeper.spec import SpecError, expand, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+
+MINIMAL = """
+name: t
+dataset: gaussian
+data: {gaussian: {classes: 3, dim: 8}}
+model: {mlp: {depth: 3, width: 16}}
+train: {epochs: 2}
+grid:
+  seed: [0, 1]
+  model.mlp.width: [8, 16]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_expands_to_six_trials():
+    trials = expand(load_spec(QUICKSTART))
+    assert len(trials) == 6
+    assert len({t.key for t in trials}) == 6
+    assert trials[0].varying == {"model.mlp.width": 32, "seed": 0}
+    assert trials[0].config.train.epochs == 30
+
+
+def test_grid_values_override_base_and_keys_are_stable(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    trials = expand(load_spec(path))
+    assert [(t.config.seed, t.config.model.mlp.width) for t in trials] == [(0, 8), (0, 16), (1, 8), (1, 16)]
+    assert [t.key for t in trials] == [t.key for t in expand(load_spec(path))]
+    assert trials[1].run_name == "seed=0,model.mlp.width=16"
+    assert trials[1].cell == "model.mlp.width=16"
+
+
+def test_overrides_and_name(tmp_path):
+    loaded = load_spec(write(tmp_path, MINIMAL), ["train.epochs=5", "grid.seed=[3]"], name="other")
+    assert loaded.spec.name == "other"
+    assert loaded.spec.train.epochs == 5
+    assert [t.config.seed for t in expand(loaded)] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("name: t\nmodle: {}\n", r"spec.yaml: modle: unknown field; allowed: .*model"),
+        (
+            "name: t\ntrain: {epochs: 2, lr: 0.1}\n",
+            r"spec.yaml: train.lr: unknown field; allowed: epochs, batch_size",
+        ),
+        ("name: t\ntrain: {epochs: many}\n", r"spec.yaml: train.epochs: .*integer.*'many'"),
+        (
+            "name: t\ntrain: {epochs: 0}\n",
+            r"spec.yaml: train.epochs: Input should be greater than or equal to 1",
+        ),
+        (
+            "name: t\ndataset: imagenet\n",
+            r"spec.yaml: dataset: Input should be 'digits', 'gaussian' or 'mnist1d'",
+        ),
+        (
+            "name: t\ntrain: {optimizer: {lr: -1}}\n",
+            r"spec.yaml: train.optimizer.lr: Input should be greater than 0",
+        ),
+        ("train: {epochs: 2}\n", r"spec.yaml: name: required field is missing"),
+        ("name: 'bad name!'\n", r"spec.yaml: name: String should match pattern"),
+        ("name: t\ngrid: {seed: []}\n", r"spec.yaml: grid.seed: List should have at least 1 item"),
+        (
+            "name: t\ngrid: {model.mlp.widht: [1]}\n",
+            r"grid key 'model.mlp.widht': model.mlp has no field 'widht'; allowed: depth, width",
+        ),
+        ("name: t\ngrid: {model: [1]}\n", r"grid key 'model' is a section"),
+        (
+            "name: t\ngrid: {seed: [0, -1]}\n",
+            r"spec.yaml: grid.seed\[1\]: Input should be greater than or equal to 0",
+        ),
+        ("name: t\ngrid: {model.mlp.width: [8, x]}\n", r"spec.yaml: grid.model.mlp.width\[1\]: .*integer"),
+        ("name: t\ngrid: {seed: [1, 1]}\n", r"grid points 0 and 1 are the same trial"),
+        (
+            "name: t\nobjective: {metric: accuracy}\n",
+            r"spec.yaml: objective.metric: Input should be 'test_acc'",
+        ),
+        (
+            "name: t\nresources: {gpu: -1}\n",
+            r"spec.yaml: resources.gpu: Input should be greater than or equal to 0",
+        ),
+        (
+            "name: t\ntrain: {schedule: {milestones: [5, 3]}}\n",
+            r"spec.yaml: train.schedule: .*strictly increasing",
+        ),
+        ("", r"spec.yaml: the spec is empty"),
+        ("- a\n- b\n", r"spec.yaml: the spec must be a mapping"),
+        ("name: [unclosed\n", r"spec.yaml: not valid YAML"),
+    ],
+)
+def test_rejections_name_file_and_field(tmp_path, text, expected):
+    with pytest.raises(SpecError, match=expected):
+        load_spec(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match=r"nope.yaml: no such file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_bad_override(tmp_path):
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        load_spec(write(tmp_path, MINIMAL), ["train.epochs"])
+
+
+@pytest.mark.parametrize("verb", ["validate", "plan", "run"])
+def test_cli_bad_input_exits_2_without_traceback_or_writes(tmp_path, verb):
+    spec = write(tmp_path, "name: t\ntrain: {epochs: -3}\n")
+    storage = tmp_path / "storage"
+    args = [sys.executable, "-m", "sweeper", verb, str(spec)]
+    if verb == "run":
+        args += ["--storage", str(storage)]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {spec}: train.epochs: Input should be greater than or equal to 1 (got -3)"
+    ]
+    assert not storage.exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_gpu_request_without_gpu_is_refused_before_anything_starts(tmp_path, capsys):
+    spec = write(tmp_path, MINIMAL + "resources: {gpu: 0.5}\n")
+    storage = tmp_path / "storage"
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["run", str(spec), "--storage", str(storage)]) == 2
+    assert "resources.gpu: 0.5 requested but this machine has no CUDA GPU" in capsys.readouterr().err
+    assert not storage.exists()
+
+
+def test_validate_ok(capsys):
+    assert main(["validate", str(QUICKSTART)]) == 0
+    assert "valid; 6 trials" in capsys.readouterr().out
+
+
+def test_plan_json_counts_parameters(capsys):
+    assert main(["plan", str(QUICKSTART), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 6
+    # digits: 64 inputs, 10 classes; width 32, depth 4: 3 hidden Linear+BN blocks and the classifier.
+    w = 32
+    expected = (64 * w + w) + 2 * (w * w + w) + 3 * (2 * w) + (w * 10 + 10)
+    assert rows[0] == {
+        "trial": 0,
+        "key": rows[0]["key"],
+        "run_name": "model.mlp.width=32,seed=0",
+        "model.mlp.width": 32,
+        "seed": 0,
+        "trainable_params": expected,
+        "total_params": expected,
+    }
+
+
+def test_plan_text(capsys):
+    assert main(["plan", str(QUICKSTART)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and "trainable_params=" in lines[0]

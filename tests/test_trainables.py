@@ -1,0 +1,162 @@
+"""The trial side without Ray: datasets, the MLP's taps, the loop, checkpoints, the standalone entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import get_args
+
+import pytest
+import torch
+
+from trainables import data as datasets
+from trainables import models
+from trainables.checkpoint import load_state, save_state
+from trainables.config import TrialConfig
+from trainables.loop import Trainer, TrialDiverged, train
+
+SMALL = {
+    "dataset": "gaussian",
+    "data": {"gaussian": {"classes": 4, "dim": 10, "train_per_class": 40, "test_per_class": 10}},
+    "model": {"mlp": {"depth": 4, "width": 16}},
+    "train": {"epochs": 4, "batch_size": 32, "schedule": {"milestones": [2], "gamma": 0.5}},
+    "metrics": {"every": 2},
+    "checkpoint": {"every": 2},
+}
+
+
+class Collect:
+    def __init__(self):
+        self.epochs: list[tuple[int, dict, dict | None]] = []
+
+    def report(self, epoch, metrics, state):
+        self.epochs.append((epoch, metrics, state))
+
+
+def test_registries_match_the_config_choices():
+    assert set(datasets.REGISTRY) == set(get_args(TrialConfig.model_fields["dataset"].annotation))
+    assert set(models.REGISTRY) == set(get_args(TrialConfig.model_fields["architecture"].annotation))
+
+
+@pytest.mark.parametrize(
+    "name,shape,classes", [("digits", (64,), 10), ("gaussian", (10,), 4), ("mnist1d", (40,), 10)]
+)
+def test_offline_datasets_load_normalised_tensors(name, shape, classes):
+    cfg = TrialConfig.model_validate({**SMALL, "dataset": name})
+    splits = datasets.load_splits(cfg)
+    assert datasets.dataset_info(cfg).input_shape == shape == tuple(splits.x_train.shape[1:])
+    assert splits.num_classes == classes
+    assert set(splits.y_train.unique().tolist()) == set(range(classes))
+    assert splits.x_train.dtype == torch.float32
+    assert splits.x_train.mean(0).abs().max() < 1e-4  # centred by the train split's mean (seed 002 §3)
+    # The split does not depend on the trial seed.
+    other = datasets.load_splits(cfg.model_copy(update={"seed": 7}))
+    assert torch.equal(other.x_test, splits.x_test)
+
+
+def test_balanced_subset_is_fixed_and_balanced():
+    y = torch.arange(1000) % 5
+    a = datasets.balanced_subset(y, 5, 100, seed=0)
+    assert torch.equal(a, datasets.balanced_subset(y, 5, 100, seed=0))
+    assert torch.bincount(y[a]).tolist() == [20] * 5
+
+
+def test_mlp_taps_and_gradients():
+    cfg = TrialConfig.model_validate(SMALL)
+    model = models.build_model(cfg, datasets.dataset_info(cfg))
+    x = torch.randn(8, 10)
+    logits, taps = model.forward_taps(x)
+    assert logits.shape == (8, 4)
+    assert list(taps) == model.tap_names == ["fc1", "fc2", "fc3"]
+    assert all(t.shape == (8, 16) for t in taps.values())
+    assert torch.equal(model(x), logits)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert set(model.consumer_weights()) == {"fc1", "fc2", "fc3"}
+    assert model.consumer_weights()["fc3"] is model.classifier.weight
+
+
+def test_loop_reports_every_epoch_with_per_layer_metrics_every_k():
+    rep = Collect()
+    summary = train(TrialConfig.model_validate(SMALL), rep)
+    assert [e for e, _, _ in rep.epochs] == [1, 2, 3, 4]
+    for epoch, metrics, state in rep.epochs:
+        assert {"train_acc", "test_acc", "train_loss", "test_loss", "lr", "trainable_params"} <= set(metrics)
+        has_nc = epoch % 2 == 0
+        assert ("ncc_acc/train/fc3" in metrics) == has_nc
+        assert ("nc1/test/fc1" in metrics) == has_nc
+        assert ("effective_depth" in metrics) == has_nc
+        assert (state is not None) == (epoch % 2 == 0)
+    assert [m["lr"] for _, m, _ in rep.epochs] == pytest.approx([0.01, 0.01, 0.005, 0.005])
+    assert summary["final/test_acc"] == rep.epochs[-1][1]["test_acc"]
+    assert 1 <= summary["best_epoch"] <= 4
+
+
+def test_checkpoint_restore_continue_equals_uninterrupted(tmp_path):
+    cfg = TrialConfig.model_validate(SMALL)
+    full = Collect()
+    train(cfg, full)
+    state = full.epochs[1][2]  # epoch 2's checkpoint
+    save_state(state, tmp_path / "state.pt")
+    resumed = Collect()
+    train(cfg, resumed, load_state(tmp_path / "state.pt"))
+    assert [e for e, _, _ in resumed.epochs] == [3, 4]
+    for (_, a, _), (_, b, _) in zip(full.epochs[2:], resumed.epochs):
+        a = {k: v for k, v in a.items() if k != "epoch_time_s"}
+        b = {k: v for k, v in b.items() if k != "epoch_time_s"}
+        assert a == b
+
+
+def test_divergence_is_a_clear_error():
+    cfg = TrialConfig.model_validate(
+        {
+            **SMALL,
+            "model": {"mlp": {"depth": 3, "width": 8, "batchnorm": False}},
+            "train": {"epochs": 3, "optimizer": {"lr": 10.0, "momentum": 0.99}},
+        }
+    )
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.mul_(1e30)
+    with pytest.raises(TrialDiverged, match="training loss is"):
+        trainer.run(Collect())
+
+
+def test_standalone_entry_point_prints_one_json_line_per_epoch(tmp_path):
+    import yaml
+
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    ckpt = tmp_path / "ckpt.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["epoch"] for line in lines[:-1]] == [1, 2, 3]
+    assert "ncc_acc/train/fc1" in lines[1]
+    assert "final/test_acc" in lines[-1]["summary"]
+    assert load_state(ckpt)["epoch"] == 3
+    # Running again continues from the checkpoint: nothing left to train.
+    again = subprocess.run(
+        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert [json.loads(line) for line in again.stdout.splitlines()][0].keys() == {"summary"}
+
+
+def test_standalone_bad_config_exits_2(tmp_path):
+    path = tmp_path / "trial.yaml"
+    path.write_text("train: {epochs: nope}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "train.epochs" in proc.stderr
