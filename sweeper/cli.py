@@ -53,7 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", help="list the trials a spec expands to, with parameter counts")
     _add_spec_args(plan)
     plan.add_argument("--json", action="store_true", help="one JSON object per line")
+    data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    prepare = data_verbs.add_parser("prepare", help="download a dataset's train and test splits into a root")
+    prepare.add_argument("dataset", help="mnist, fashion_mnist, cifar10, cifar100, svhn or stl10")
+    prepare.add_argument("--root", type=Path, required=True, help="data root to download into")
     return parser
+
+
+def prepare_data(dataset: str, root: Path) -> int:
+    from trainables.data import TORCHVISION, DatasetUnavailable, torchvision_split
+
+    if dataset not in TORCHVISION:
+        print(
+            f"error: data prepare: unknown dataset '{dataset}'; allowed: {', '.join(TORCHVISION)}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    root = root.expanduser().resolve()
+    try:
+        for train in (True, False):
+            x, _ = torchvision_split(dataset, root, train, download=True)
+            print(f"{dataset} {'train' if train else 'test'}: {len(x)} samples under {root}")
+    except DatasetUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"copy {root} to the machine that trains and set data.root or $SWEEPER_DATA to it")
+    return 0
 
 
 def _print_results(result) -> None:
@@ -83,6 +109,8 @@ def _fmt(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verb == "data":
+        return prepare_data(args.dataset, args.root)
     try:
         loaded = load_spec(args.spec, args.set, args.name)
         if args.verb == "validate":

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from sweeper.spec import LoadedSpec, PlannedTrial, SpecError, expand
+from trainables.data import data_root
 
 TUNE_DIR = "tune"
 
@@ -163,9 +164,14 @@ def run_sweep(
     # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
     # the in-memory trial table and MLflow instead.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    _init_ray(
-        address, {"MLFLOW_TRACKING_URI": tracking_uri, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}, verbose
-    )
+    # Workers neither inherit the driver's environment nor its working directory (PITFALLS.md 7): pass
+    # the store and the absolute data root explicitly.
+    env_vars = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        "SWEEPER_DATA": str(data_root(spec.data)),
+    }
+    _init_ray(address, env_vars, verbose)
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment_path = sweep_dir / TUNE_DIR

@@ -215,7 +215,11 @@ def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = No
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(data).__name__}")
     for key, value in parse_overrides(list(overrides)):
-        _set_path(data, key, value)
+        if key.startswith("grid.") and isinstance(data.get("grid", {}), dict):
+            # Grid keys are themselves dotted paths: grid.model.mlp.width names one grid entry.
+            data.setdefault("grid", {})[key[len("grid.") :]] = value
+        else:
+            _set_path(data, key, value)
     if name is not None:
         data["name"] = name
     try:
@@ -225,6 +229,25 @@ def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = No
     loaded = LoadedSpec(spec, path, spec.model_dump(mode="json"))
     expand(loaded)  # every grid point must be a valid trial before anything starts
     return loaded
+
+
+def _describe(keys: list[str], combo: tuple) -> str:
+    return ",".join(f"{k}={_short(v)}" for k, v in zip(keys, combo))
+
+
+def _model_problem(config: TrialConfig) -> str | None:
+    """Check what only the built model knows (ETF depth, SVSL gamma, input shape) on the meta device."""
+    import torch
+
+    from trainables.data import dataset_info
+    from trainables.models import ModelConfigError, build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(config, dataset_info(config))
+    except ModelConfigError as err:
+        return str(err)
+    return None
 
 
 def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
@@ -253,6 +276,11 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
                 msg = f"{loaded.path}: {where}: {e['msg']} (got {e.get('input')!r})"
                 if msg not in errors:
                     errors.append(msg)
+            continue
+        if problem := _model_problem(config):
+            msg = f"{loaded.path}: " + (f"trial {_describe(keys, combo)}: " if keys else "") + problem
+            if msg not in errors:
+                errors.append(msg)
             continue
         resolved = config.model_dump(mode="json")
         key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]

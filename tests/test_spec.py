@@ -73,7 +73,7 @@ def test_overrides_and_name(tmp_path):
         ),
         (
             "name: t\ndataset: imagenet\n",
-            r"spec.yaml: dataset: Input should be 'digits', 'gaussian' or 'mnist1d'",
+            r"spec.yaml: dataset: Input should be 'digits', 'gaussian', 'mnist1d', 'mnist', 'fashion_mnist'",
         ),
         (
             "name: t\ntrain: {optimizer: {lr: -1}}\n",

@@ -12,13 +12,14 @@ import time
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from trainables.config import TrialConfig
+from trainables.config import EtfAdaptive, TrialConfig
 from trainables.data import balanced_subset, dataset_info, load_splits
+from trainables.etf import fix_to_etf
+from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import measure, metric_key
 from trainables.metrics import effective_depth
-from trainables.models import build_model, parameter_counts
+from trainables.models import build_model, fix_layers, parameter_counts
 
 INTERPOLATION_ACC = 0.995
 """Train accuracy that marks the interpolation threshold and the start of the terminal phase (004 §5.3)."""
@@ -48,16 +49,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = load_splits(cfg).to(self.device)
         self.model = build_model(cfg, dataset_info(cfg)).to(self.device)
-        opt = cfg.train.optimizer
-        self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=opt.lr,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=list(cfg.train.schedule.milestones), gamma=cfg.train.schedule.gamma
-        )
+        # Layer name -> epoch it became ETF (0: from the start).
+        self.etf_fixed = {name: 0 for name, layer in self.model.etf_candidates() if not _trainable(layer)}
+        self._build_optimizer()
         self.shuffle = torch.Generator(device=self.device).manual_seed(cfg.seed)
         subset = balanced_subset(
             self.data.y_train, self.data.num_classes, cfg.metrics.max_samples, cfg.data.split_seed
@@ -73,6 +67,48 @@ class Trainer:
         self.best_metrics: dict[str, float] = {}
         self.last_metrics: dict[str, float] = {}
 
+    def _build_optimizer(self) -> None:
+        opt = self.cfg.train.optimizer
+        self.optimizer = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=opt.lr,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer,
+            milestones=list(self.cfg.train.schedule.milestones),
+            gamma=self.cfg.train.schedule.gamma,
+        )
+
+    def _fix_now(self, name: str, layer: torch.nn.Linear) -> None:
+        """Adaptive-ETF: fix a layer mid-training and drop its weight from the optimizer and its state."""
+        old = layer.weight
+        fix_to_etf(layer)
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not old]
+        self.optimizer.state.pop(old, None)
+        self.etf_fixed[name] = self.epoch
+
+    def adapt_etf(self, metrics: dict[str, float]) -> None:
+        """000 §4.1: once the features a layer receives have train NCC error <= eps, that layer and every
+        layer above it become ETF. Candidates are ordered from the top, so the first separable input
+        fixes itself and everything before it in the list."""
+        eps = self.cfg.etf.adaptive
+        candidates = self.model.etf_candidates()
+        inputs = self.model.etf_input_taps()
+        lowest = None
+        for i, tap in enumerate(inputs):
+            key = metric_key("ncc_acc", "train", tap) if tap else None
+            if key is not None and key in metrics and 1.0 - metrics[key] <= eps + 1e-12:
+                lowest = i  # keep going down: a lower separable input fixes more layers
+        if lowest is None:
+            return
+        for name, layer in candidates[: lowest + 1]:
+            if _trainable(layer):
+                self._fix_now(name, layer)
+        self.params = parameter_counts(self.model)
+
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """A snapshot on the CPU: later training steps do not change it (state_dict() returns live views)."""
@@ -85,6 +121,7 @@ class Trainer:
                 "shuffle_rng": self.shuffle.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "interpolation_epoch": self.interpolation_epoch,
+                "etf_fixed": dict(self.etf_fixed),
                 "best_epoch": self.best_epoch,
                 "best_metrics": dict(self.best_metrics),
                 "last_metrics": dict(self.last_metrics),
@@ -92,6 +129,12 @@ class Trainer:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Layers fixed during training must be buffers again before the weights and the optimizer load:
+        # the optimizer's state is indexed by the position of the trainable parameters.
+        self.etf_fixed = {k: int(v) for k, v in state["etf_fixed"].items()}
+        fix_layers(self.model, list(self.etf_fixed))
+        self.params = parameter_counts(self.model)
+        self._build_optimizer()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -116,7 +159,7 @@ class Trainer:
             idx = perm[lo : lo + batch]
             if len(idx) < 2 and steps:  # BatchNorm cannot normalise a batch of one sample
                 continue
-            loss = F.cross_entropy(self.model(x[idx]), y[idx])
+            loss = self._loss(x[idx], y[idx])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -126,6 +169,16 @@ class Trainer:
         if not torch.isfinite(torch.tensor(mean_loss)):
             raise TrialDiverged(f"training loss is {mean_loss} at epoch {self.epoch + 1}")
         return mean_loss
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        svsl = self.cfg.svsl
+        if svsl.alpha == 0:
+            return task_loss(self.model(x), y, self.data.num_classes, self.cfg.train.loss)
+        logits, taps = self.model.forward_taps(x)
+        selected = [taps[name] for name in self.model.tap_names[svsl.gamma - 1 :]]
+        return task_loss(logits, y, self.data.num_classes, self.cfg.train.loss) + svsl_penalty(
+            selected, y, self.data.num_classes, svsl.alpha
+        )
 
     def run(self, reporter: Reporter) -> dict[str, float]:
         """Train from ``self.epoch`` to the configured number of epochs; return the trial's summary."""
@@ -144,16 +197,23 @@ class Trainer:
                 self.data.num_classes,
                 batch_size=cfg.metrics.batch_size,
                 collapse=collapse,
+                loss=cfg.train.loss,
             )
-            metrics.update(batch_loss=batch_loss, lr=lr, **{k: float(v) for k, v in self.params.items()})
+            metrics.update(batch_loss=batch_loss, lr=lr)
             if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
                 self.interpolation_epoch = self.epoch
             metrics["terminal_phase"] = float(self.interpolation_epoch > 0)
             if collapse:
+                if isinstance(cfg.etf, EtfAdaptive):
+                    self.adapt_etf(metrics)
                 ncc = [metrics.get(metric_key("ncc_acc", "train", t), 0.0) for t in taps]
                 for i, eps in enumerate(cfg.metrics.effective_depth_eps):
                     key = "effective_depth" if i == 0 else f"effective_depth/eps_{eps:g}"
                     metrics[key] = float(effective_depth(ncc, eps))
+            # After adapt_etf, so the epoch a layer is fixed shows the count it trains with from then on.
+            metrics.update({k: float(v) for k, v in self.params.items()})
+            metrics["etf_layers"] = float(len(self.etf_fixed))
+            metrics.update({f"etf_fixed_epoch/{k}": float(v) for k, v in self.etf_fixed.items()})
             metrics["epoch_time_s"] = time.perf_counter() - started
             self.last_metrics = metrics
             if self.best_epoch == 0 or metrics["test_acc"] > self.best_metrics["test_acc"]:
@@ -169,6 +229,10 @@ class Trainer:
         out["best_epoch"] = float(self.best_epoch)
         out["interpolation_epoch"] = float(self.interpolation_epoch)
         return out
+
+
+def _trainable(layer: torch.nn.Module) -> bool:
+    return isinstance(layer.weight, torch.nn.Parameter)
 
 
 def _cpu_copy(value: Any) -> Any:

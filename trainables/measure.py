@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from trainables.losses import task_loss
 from trainables.metrics import DegenerateFeaturesError, TapAccumulator
 
 
@@ -35,10 +35,11 @@ def measure(
     *,
     batch_size: int,
     collapse: bool,
+    loss: str = "ce",
 ) -> dict[str, float]:
     """Measure ``model`` on ``splits`` (``{"train": (x, y), "test": (x, y)}``, train first).
 
-    Returns ``{split}_acc`` and ``{split}_loss`` for every split and, when ``collapse``, every metric of
+    Returns ``{split}_acc`` and ``{split}_loss`` (the task loss, ``ce`` or ``mse``) for every split and, when ``collapse``, every metric of
     :func:`trainables.metrics.layer_metrics` for every tap and split, with NCC decisions on every split
     made against the train class means (004 Def. 6). A tap whose features are degenerate at this epoch
     (e.g. a dead layer of constant features) is left out for this epoch with a warning on stderr.
@@ -53,7 +54,7 @@ def measure(
         taps_acc: dict[str, TapAccumulator] = {}
         for xb, yb in _batches(x, y, batch_size):
             logits, taps = model.forward_taps(xb) if collapse else (model(xb), {})
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
+            loss_sum += task_loss(logits.float(), yb, num_classes, loss).double() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
             for name, h in taps.items():
                 if name not in taps_acc:
@@ -93,7 +94,7 @@ def measure(
 
     consumers = model.consumer_weights()
     classifier = model.classifier.weight
-    last_tap = model.tap_names[-1]
+    last_tap = model.penultimate
     for split, taps_acc in live.items():
         for name, acc in taps_acc.items():
             values = acc.result(

@@ -30,6 +30,7 @@ class MLP(nn.Module):
             width_in = cfg.width
         self.classifier = nn.Linear(width_in, num_classes)
         self.tap_names = [f"fc{i}" for i in range(1, cfg.depth)]
+        self.penultimate = self.tap_names[-1]
 
     def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and every named feature tap, in depth order."""
@@ -49,6 +50,16 @@ class MLP(nn.Module):
     def weight_layers(self) -> list[nn.Linear]:
         """Weight layers in depth order; the classifier is last."""
         return [block[0] for block in self.blocks] + [self.classifier]
+
+    def etf_candidates(self) -> list[tuple[str, nn.Linear]]:
+        """Weight layers that may become ETF, from the top: the classifier, then fc{depth-1}, ..., fc1."""
+        names = [f"fc{i}" for i in range(1, len(self.blocks) + 1)] + ["classifier"]
+        return list(zip(names, self.weight_layers()))[::-1]
+
+    def etf_input_taps(self) -> list[str | None]:
+        """For each of :meth:`etf_candidates`, the tap it reads (None: the network input). Adaptive-ETF
+        fixes a layer once the features it receives are class-separable (000 §4.1)."""
+        return ([None] + self.tap_names)[::-1]
 
     def consumer_weights(self) -> dict[str, torch.Tensor]:
         """For each tap, the weight of the layer that reads it (NC3 alignment, 002 App. A)."""
