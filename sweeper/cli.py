@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from sweeper.spec import SpecError, load_spec
+from sweeper.spec import SpecError, _short, load_spec
 
 EXIT_BAD_INPUT = 2
 
@@ -27,6 +27,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
         help="override a spec field by dotted path, value in YAML (repeatable), e.g. train.epochs=2",
     )
     p.add_argument("--name", help="sweep name (default: the spec's name)")
+    p.add_argument(
+        "--smoke", action="store_true", help="apply the spec's smoke: overrides (offline, seconds)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "data":
         return prepare_data(args.dataset, args.root)
     try:
-        loaded = load_spec(args.spec, args.set, args.name)
+        loaded = load_spec(args.spec, args.set, args.name, smoke=args.smoke)
         if args.verb == "validate":
             from sweeper.spec import expand
 
@@ -125,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     print(json.dumps(row))
                 else:
-                    print("  ".join(f"{k}={v}" for k, v in row.items() if k != "key"))
+                    print(
+                        "  ".join(f"{k}={_short(v)}" for k, v in row.items() if k not in ("key", "run_name"))
+                    )
             return 0
         from sweeper.orchestrate import run_sweep
         from sweeper.tracking import default_tracking_uri

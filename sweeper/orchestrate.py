@@ -109,6 +109,22 @@ def check_resources(loaded: LoadedSpec, address: str | None) -> None:
             )
 
 
+def stage_datasets(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
+    """Make sure every torchvision dataset the trials read is under its data root (downloading it once
+    here, where allowed, instead of in every trial at once); refuse to start when one is unavailable."""
+    from trainables.data import TORCHVISION, DatasetUnavailable, torchvision_split
+
+    needed = {(t.config.dataset, str(data_root(t.config.data)), t.config.data.download) for t in trials}
+    for dataset, root, download in sorted(needed):
+        if dataset not in TORCHVISION:
+            continue
+        try:
+            for train in (True, False):
+                torchvision_split(dataset, Path(root), train, download)
+        except DatasetUnavailable as err:
+            raise SpecError(f"{loaded.path}: dataset: {err}") from None
+
+
 def run_sweep(
     loaded: LoadedSpec,
     *,
@@ -129,6 +145,7 @@ def run_sweep(
     spec = loaded.spec
     trials = expand(loaded)
     check_resources(loaded, address)
+    stage_datasets(loaded, trials)
     started = time.perf_counter()
     sweep_dir = (storage / spec.name).resolve()
     meta = prepare_sweep_dir(loaded, sweep_dir, tracking_uri)
@@ -151,7 +168,14 @@ def run_sweep(
         "spec_hash": loaded.hash,
     }
     points = [
-        {"trial": t.config.model_dump(mode="json"), "key": t.key, "name": t.run_name, "cell": t.cell}
+        {
+            "trial": t.config.model_dump(mode="json"),
+            "key": t.key,
+            "name": t.run_name,
+            "cell": t.cell,
+            # Absolute, resolved on the driver: workers run in Ray's session directory (PITFALLS.md 7).
+            "data_root": str(data_root(t.config.data)),
+        }
         for t in trials
     ]
     # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (PITFALLS.md 9); MLflow
@@ -164,14 +188,17 @@ def run_sweep(
     # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
     # the in-memory trial table and MLflow instead.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Workers neither inherit the driver's environment nor its working directory (PITFALLS.md 7): pass
-    # the store and the absolute data root explicitly.
+    # Workers do not inherit the driver's environment (PITFALLS.md 7); trials also get the store and the
+    # data root in their params, so a reused Ray session works the same.
     env_vars = {
         "MLFLOW_TRACKING_URI": tracking_uri,
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-        "SWEEPER_DATA": str(data_root(spec.data)),
     }
-    _init_ray(address, env_vars, verbose)
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        _init_ray(address, env_vars, verbose)
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment_path = sweep_dir / TUNE_DIR
@@ -197,9 +224,8 @@ def run_sweep(
             )
         grid = tuner.fit()
     finally:
-        import ray
-
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
 
     by_key = {t.key: t for t in trials}
     outcomes = []

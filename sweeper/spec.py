@@ -32,6 +32,7 @@ RUN_LEVEL_METRICS = (
 )
 """Metrics a spec's objective may name (what every trial reports to Tune every epoch)."""
 
+CASES_KEY = "cases"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
@@ -60,11 +61,23 @@ class SweepSpec(TrialConfig):
     max_failures: Annotated[int, Field(ge=0, le=100)] = 2
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
 
+    smoke: dict[str, Any] = {}
+    """Overrides applied by ``--smoke`` (dotted paths, like ``--set``): an offline dataset, few epochs."""
+
     @field_validator("grid")
     @classmethod
     def _grid_paths_exist(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for path in grid:
-            _check_path(path)
+        for path, values in grid.items():
+            if path != CASES_KEY:
+                _check_path(path)
+                continue
+            for i, case in enumerate(values):
+                if not isinstance(case, dict) or not case:
+                    raise ValueError(
+                        f"grid.{CASES_KEY}[{i}] must be a mapping of trial-config paths to values"
+                    )
+                for case_path in case:
+                    _check_path(case_path)
         return grid
 
 
@@ -190,7 +203,9 @@ def spec_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = None) -> LoadedSpec:
+def load_spec(
+    path: str | Path, overrides: list[str] = (), name: str | None = None, smoke: bool = False
+) -> LoadedSpec:
     """Read, override and validate a spec, and check that every grid point is a valid trial.
 
     Raises:
@@ -214,7 +229,13 @@ def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = No
         )
     if not isinstance(data, dict):
         raise SpecError(f"{source}: the spec must be a mapping of fields, got {type(data).__name__}")
-    for key, value in parse_overrides(list(overrides)):
+    pairs = parse_overrides(list(overrides))
+    if smoke:
+        section = data.get("smoke") or {}
+        if not isinstance(section, dict) or not section:
+            raise SpecError(f"{source}: smoke: --smoke needs a 'smoke:' mapping of overrides in the spec")
+        pairs = list(section.items()) + pairs
+    for key, value in pairs:
         if key.startswith("grid.") and isinstance(data.get("grid", {}), dict):
             # Grid keys are themselves dotted paths: grid.model.mlp.width names one grid entry.
             data.setdefault("grid", {})[key[len("grid.") :]] = value
@@ -229,10 +250,6 @@ def load_spec(path: str | Path, overrides: list[str] = (), name: str | None = No
     loaded = LoadedSpec(spec, path, spec.model_dump(mode="json"))
     expand(loaded)  # every grid point must be a valid trial before anything starts
     return loaded
-
-
-def _describe(keys: list[str], combo: tuple) -> str:
-    return ",".join(f"{k}={_short(v)}" for k, v in zip(keys, combo))
 
 
 def _model_problem(config: TrialConfig) -> str | None:
@@ -250,16 +267,31 @@ def _model_problem(config: TrialConfig) -> str | None:
     return None
 
 
+def _assignments(grid: dict[str, list[Any]]) -> list[list[tuple[str, list[tuple[str, Any]]]]]:
+    """Per grid key, its choices; each choice is (where, [(path, value), ...]). A plain key assigns one
+    path; ``cases`` assigns several paths together (e.g. an architecture with the dataset it is paired
+    with in a paper), so specs need not take the full product of the two."""
+    out = []
+    for key, values in grid.items():
+        if key == CASES_KEY:
+            out.append([(f"grid.{key}[{i}]", list(case.items())) for i, case in enumerate(values)])
+        else:
+            out.append([(f"grid.{key}[{i}]", [(key, value)]) for i, value in enumerate(values)])
+    return out
+
+
 def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
     """One :class:`PlannedTrial` per combination of the grid's values, in a stable order."""
     spec = loaded.spec
     base = {k: v for k, v in loaded.resolved.items() if k in TRIAL_FIELDS}
-    keys = list(spec.grid)
     trials, errors = [], []
-    for index, combo in enumerate(itertools.product(*(spec.grid[k] for k in keys))):
+    for index, combo in enumerate(itertools.product(*_assignments(spec.grid))):
         data = json.loads(json.dumps(base))
-        for key, value in zip(keys, combo):
-            _set_path(data, key, value)
+        varying: dict[str, Any] = {}
+        for _, pairs in combo:
+            for path, value in pairs:
+                _set_path(data, path, value)
+                varying[path] = value
         try:
             config = TrialConfig.model_validate(data)
         except ValidationError as err:
@@ -267,9 +299,10 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
                 loc = ".".join(str(p) for p in e["loc"])
                 where = next(
                     (
-                        f"grid.{k}[{spec.grid[k].index(v)}]"
-                        for k, v in zip(keys, combo)
-                        if loc == k or loc.startswith(k + ".")
+                        w if len(pairs) == 1 else f"{w}.{path}"
+                        for w, pairs in combo
+                        for path, _ in pairs
+                        if loc == path or loc.startswith(path + ".")
                     ),
                     loc,
                 )
@@ -278,13 +311,14 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
                     errors.append(msg)
             continue
         if problem := _model_problem(config):
-            msg = f"{loaded.path}: " + (f"trial {_describe(keys, combo)}: " if keys else "") + problem
+            described = ",".join(f"{k}={_short(v)}" for k, v in varying.items())
+            msg = f"{loaded.path}: " + (f"trial {described}: " if varying else "") + problem
             if msg not in errors:
                 errors.append(msg)
             continue
         resolved = config.model_dump(mode="json")
         key = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
-        trials.append(PlannedTrial(key, index, dict(zip(keys, combo)), config))
+        trials.append(PlannedTrial(key, index, varying, config))
     if errors:
         raise SpecError("\n".join(errors))
     seen: dict[str, PlannedTrial] = {}

@@ -46,6 +46,8 @@ def run_trial(params: dict[str, Any]) -> None:
     ``params["sweep"]``: tracking URI, experiment and parent run ids, sweep id, spec hash."""
     point, sweep = params["point"], params["sweep"]
     cfg = TrialConfig.model_validate(point["trial"])
+    if cfg.data.root is None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": point["data_root"]})})
     tracker = TrialTracker(
         tracking_uri=sweep["tracking_uri"],
         experiment_id=sweep["experiment_id"],

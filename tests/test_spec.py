@@ -84,7 +84,7 @@ def test_overrides_and_name(tmp_path):
         ("name: t\ngrid: {seed: []}\n", r"spec.yaml: grid.seed: List should have at least 1 item"),
         (
             "name: t\ngrid: {model.mlp.widht: [1]}\n",
-            r"grid key 'model.mlp.widht': model.mlp has no field 'widht'; allowed: depth, width",
+            r"grid key 'model.mlp.widht': model.mlp has no field 'widht'; allowed: preset, depth, width",
         ),
         ("name: t\ngrid: {model: [1]}\n", r"grid key 'model' is a section"),
         (
