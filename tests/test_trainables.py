@@ -162,3 +162,15 @@ def test_standalone_bad_config_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "train.epochs" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trial_runs_on_cuda():
+    cfg = TrialConfig.model_validate({**SMALL, "device": "cuda", "train": {"epochs": 2}})
+    trainer = Trainer(cfg)
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    assert trainer.data.x_train.device.type == "cuda"
+    rep = Collect()
+    trainer.run(rep)
+    assert "ncc_acc/test/fc3" in rep.epochs[-1][1]
