@@ -89,14 +89,14 @@ def _print_results(result) -> None:
     from sweeper.tracking import ui_command
 
     cols = ["test_acc", "train_acc", "test_loss", "effective_depth", "epoch"]
-    rows = [[o.trial.run_name, o.status] + [_fmt(o.metrics.get(c)) for c in cols] for o in result.outcomes]
+    rows = [[o.name, o.status] + [_fmt(o.metrics.get(c)) for c in cols] for o in result.outcomes]
     header = ["trial", "status"] + cols
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
     failed = [o for o in result.outcomes if o.status == "FAILED"]
     for o in failed:
-        print(f"failed: {o.trial.run_name}: {o.error.splitlines()[0] if o.error else ''}")
+        print(f"failed: {o.name}: {o.error.splitlines()[0] if o.error else ''}")
     print(
         f"\n{len(result.outcomes) - len(failed)} finished, {len(failed)} failed in {result.wall_s:.1f}s; "
         f"sweep directory {result.sweep_dir}"

@@ -26,7 +26,8 @@ TUNE_DIR = "tune"
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    trial: PlannedTrial
+    name: str
+    key: str
     status: str  # FINISHED | FAILED
     metrics: dict[str, float]
     error: str | None
@@ -202,23 +203,41 @@ def run_sweep(
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment_path = sweep_dir / TUNE_DIR
+        searcher = _searcher(loaded, trials, sweep_ctx, sweep_dir) if spec.search else None
+        total = len(points) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
         if tune.Tuner.can_restore(str(experiment_path)):
             tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
         else:
+            if searcher is None:
+                param_space = {"point": tune.grid_search(points), "sweep": sweep_ctx}
+                search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
+            else:
+                # The searcher hands out whole configs and ends the experiment (num_samples=-1).
+                param_space = {}
+                search_config = {"search_alg": searcher, "num_samples": -1}
+                if spec.search.prune is not None:
+                    from ray.tune.schedulers import ASHAScheduler
+
+                    search_config["scheduler"] = ASHAScheduler(
+                        time_attr="epoch",
+                        metric=spec.objective.metric,
+                        mode=spec.objective.mode,
+                        max_t=spec.train.epochs,
+                        grace_period=spec.search.prune.grace_period,
+                        reduction_factor=spec.search.prune.reduction_factor,
+                    )
             tuner = tune.Tuner(
                 trainable,
-                param_space={"point": tune.grid_search(points), "sweep": sweep_ctx},
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=spec.max_concurrent,
-                    reuse_actors=True,
-                    trial_dirname_creator=trial_dirname,
+                    reuse_actors=True, trial_dirname_creator=trial_dirname, **search_config
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
                     storage_path=str(sweep_dir),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[ProgressPrinter(len(points), spec.objective.metric)] if progress else [],
+                    callbacks=[ProgressPrinter(total, spec.objective.metric)] if progress else [],
                     verbose=0,
                 ),
             )
@@ -227,23 +246,55 @@ def run_sweep(
         if started_ray:
             ray.shutdown()
 
-    by_key = {t.key: t for t in trials}
     outcomes = []
     for result in grid:
-        key = result.config["point"]["key"]
+        point = result.config["point"]
         error = f"{type(result.error).__name__}: {result.error}" if result.error else None
-        outcomes.append(
-            TrialOutcome(by_key[key], "FAILED" if error else "FINISHED", dict(result.metrics or {}), error)
-        )
-    outcomes.sort(key=lambda o: o.trial.index)
-    finish_parent_run(
-        client,
-        parent_run_id,
-        _parent_summary(loaded, outcomes),
-        {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))},
-    )
+        status = "FAILED" if error else "FINISHED"
+        outcomes.append(TrialOutcome(point["name"], point["key"], status, dict(result.metrics or {}), error))
+    outcomes.sort(key=lambda o: o.name)
+    summary = _parent_summary(loaded, outcomes)
+    tags = {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))}
+    if searcher is not None:
+        from sweeper.search import best_per_cell
+
+        best, best_tags = best_per_cell(searcher)
+        summary.update(best)
+        tags.update(best_tags)
+    finish_parent_run(client, parent_run_id, summary, tags)
     return SweepResult(
         sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes, time.perf_counter() - started
+    )
+
+
+def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Path) -> str:
+    return loaded.spec.search.optuna.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+
+def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], sweep_dir: Path):
+    from sweeper.search import CellSearcher
+
+    search = loaded.spec.search
+    cells = [
+        {
+            "key": t.key,
+            "name": t.run_name,
+            "trial": t.config.model_dump(mode="json"),
+            "data_root": str(data_root(t.config.data)),
+        }
+        for t in trials
+    ]
+    return CellSearcher(
+        cells=cells,
+        space={path: dist.as_spec() for path, dist in search.space.items()},
+        sampler=search.optuna.sampler,
+        seed=search.optuna.seed,
+        trials_per_cell=search.optuna.trials_per_cell,
+        max_concurrent=search.optuna.max_concurrent,
+        storage_url=optuna_storage_url(loaded, sweep_dir),
+        sweep=sweep_ctx,
+        metric=loaded.spec.objective.metric,
+        mode=loaded.spec.objective.mode,
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig
 
@@ -52,6 +52,74 @@ class Resources(Frozen):
     gpu: Annotated[float, Field(ge=0, le=64)] = 0
 
 
+class Distribution(Frozen):
+    """Exactly one of: ``loguniform: [lo, hi]``, ``uniform: [lo, hi]``, ``int: [lo, hi]``, ``choice: [...]``."""
+
+    loguniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    uniform: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
+    int_: Annotated[list[int], Field(min_length=2, max_length=2)] | None = Field(default=None, alias="int")
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+
+    model_config = Frozen.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        given = {k: v for k, v in self.as_spec_items() if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int, choice")
+        ((kind, args),) = given.items()
+        if kind in ("loguniform", "uniform", "int") and not args[0] < args[1]:
+            raise ValueError(f"{kind}: [lo, hi] needs lo < hi, got {args}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"loguniform: lo must be > 0, got {args[0]}")
+        return self
+
+    def as_spec_items(self) -> list[tuple[str, Any]]:
+        return [
+            ("loguniform", self.loguniform),
+            ("uniform", self.uniform),
+            ("int", self.int_),
+            ("choice", self.choice),
+        ]
+
+    def as_spec(self) -> dict[str, Any]:
+        return {k: v for k, v in self.as_spec_items() if v is not None}
+
+    def extremes(self) -> list[Any]:
+        ((kind, args),) = self.as_spec().items()
+        return list(args) if kind == "choice" else [args[0], args[1]]
+
+
+class OptunaSettings(Frozen):
+    sampler: Literal["gp", "tpe", "random"] = "gp"
+    """gp: Optuna's GPSampler, the Bayesian default (004 used BoTorch's GP); tpe; random."""
+    trials_per_cell: Annotated[int, Field(ge=1, le=100_000)] = 30
+    max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 4
+    seed: int = 0
+    storage: str | None = None
+    """SQLAlchemy URL of the Optuna storage (e.g. postgresql://...); default SQLite in the sweep directory."""
+
+
+class PruneSettings(Frozen):
+    """ASHA early stopping on the objective, per epoch (off unless given)."""
+
+    grace_period: Annotated[int, Field(ge=1)] = 5
+    reduction_factor: Annotated[float, Field(gt=1)] = 3.0
+
+
+class SearchSpec(Frozen):
+    optuna: OptunaSettings = OptunaSettings()
+    space: Annotated[dict[str, Distribution], Field(min_length=1)]
+    prune: PruneSettings | None = None
+
+    @field_validator("space")
+    @classmethod
+    def _paths_exist(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        for path in space:
+            _check_path(path, "search.space key")
+        return space
+
+
 class SweepSpec(TrialConfig):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     experiment: Annotated[str, Field(min_length=1, max_length=200)] = "neural-collapse"
@@ -61,6 +129,8 @@ class SweepSpec(TrialConfig):
     max_failures: Annotated[int, Field(ge=0, le=100)] = 2
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
 
+    search: SearchSpec | None = None
+    """Optional Bayesian search: one Optuna study per grid cell (sweeper.search)."""
     smoke: dict[str, Any] = {}
     """Overrides applied by ``--smoke`` (dotted paths, like ``--set``): an offline dataset, few epochs."""
 
@@ -81,7 +151,7 @@ class SweepSpec(TrialConfig):
         return grid
 
 
-def _check_path(path: str) -> None:
+def _check_path(path: str, what: str = "grid key") -> None:
     """Raise ValueError unless ``path`` names a field of TrialConfig (sections may not be grid keys)."""
     model: type[BaseModel] = TrialConfig
     parts = path.split(".")
@@ -89,17 +159,15 @@ def _check_path(path: str) -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[:depth]) or "the trial config"
-            raise ValueError(
-                f"grid key '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}"
-            )
+            raise ValueError(f"{what} '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}")
         annotation = fields[part].annotation
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if depth == len(parts) - 1:
             if is_section:
                 sub = ", ".join(f"{path}.{f}" for f in annotation.model_fields)
-                raise ValueError(f"grid key '{path}' is a section; grid one of its fields: {sub}")
+                raise ValueError(f"{what} '{path}' is a section; use one of its fields: {sub}")
         elif not is_section:
-            raise ValueError(f"grid key '{path}': '{'.'.join(parts[: depth + 1])}' has no sub-fields")
+            raise ValueError(f"{what} '{path}': '{'.'.join(parts[: depth + 1])}' has no sub-fields")
         else:
             model = annotation
 
@@ -248,8 +316,42 @@ def load_spec(
     except ValidationError as err:
         raise SpecError(format_validation_error(source, err)) from None
     loaded = LoadedSpec(spec, path, spec.model_dump(mode="json"))
-    expand(loaded)  # every grid point must be a valid trial before anything starts
+    trials = expand(loaded)  # every grid point must be a valid trial before anything starts
+    if spec.search is not None:
+        check_search(loaded, trials)
     return loaded
+
+
+def check_search(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
+    """Every cell must accept the searched values at both ends of their ranges (and every choice)."""
+    space = loaded.spec.search.space
+    clash = sorted(set(space) & set(loaded.spec.grid))
+    if clash:
+        raise SpecError(f"{loaded.path}: search.space: {', '.join(clash)} is both searched and in the grid")
+    settings: list[dict[str, Any]] = []
+    for pick in (0, -1):
+        settings.append({path: dist.extremes()[pick] for path, dist in space.items()})
+    for path, dist in space.items():
+        settings += [{path: value} for value in dist.extremes()]
+    errors: list[str] = []
+    for trial in trials:
+        for setting in settings:
+            data = trial.config.model_dump(mode="json")
+            for path, value in setting.items():
+                _set_path(data, path, value)
+            try:
+                config = TrialConfig.model_validate(data)
+            except ValidationError as err:
+                problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            else:
+                problem = _model_problem(config)
+            if problem:
+                where = f"cell {trial.run_name}: " if trial.varying else ""
+                msg = f"{loaded.path}: search.space: {where}values {setting} are not allowed: {problem}"
+                if msg not in errors:
+                    errors.append(msg)
+    if errors:
+        raise SpecError("\n".join(errors))
 
 
 def _model_problem(config: TrialConfig) -> str | None:

@@ -56,7 +56,7 @@ def run_trial(params: dict[str, Any]) -> None:
         trial_key=point["key"],
         run_name=point["name"],
         params=point["trial"],
-        tags={TAG_CELL: point["cell"], TAG_SPEC_HASH: sweep["spec_hash"]},
+        tags={TAG_CELL: point["cell"], TAG_SPEC_HASH: sweep["spec_hash"], **point.get("tags", {})},
     )
     if tracker.finished:
         # Replayed after the trial had already ended (PITFALLS.md 1): report its final result, train nothing.

@@ -1,0 +1,88 @@
+"""Real services for integration tests, started on loopback and stopped by PID: PostgreSQL (run as the
+``postgres`` user, since it refuses root) and helpers to kill a process tree."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    return found
+
+
+def postgres_available() -> bool:
+    return _pg_bin("initdb") is not None and _pg_bin("pg_ctl") is not None
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return args
+    return ["runuser", "-u", "postgres", "--", *args]
+
+
+@contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>; yields its SQLAlchemy URL."""
+    base = tempfile.mkdtemp(prefix="sweeper-pg-")
+    data = os.path.join(base, "data")
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        _as_postgres([_pg_bin("pg_ctl"), "-D", data, "-l", os.path.join(base, "log"), "-w", "-o",
+                      f"-h 127.0.0.1 -p {port} -k {base}", "start"]),
+        check=True, capture_output=True, timeout=120,
+    )
+    pid = int(open(os.path.join(data, "postmaster.pid")).readline())
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        try:
+            os.kill(pid, signal.SIGINT)  # fast shutdown of the postmaster we started
+            psutil.Process(pid).wait(timeout=30)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (a sweep driver and the Ray processes it started)."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

@@ -1,0 +1,145 @@
+"""Bayesian search per grid cell with real Ray and real Optuna storage (SQLite and Postgres), and resume
+after a SIGKILL of the driver mid-search."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import optuna
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from sweeper.orchestrate import run_sweep
+from sweeper.search import ORPHANED
+from sweeper.spec import SpecError, load_spec
+from tests.services import kill_tree, postgres_available, postgres_server, wait_for
+
+pytestmark = pytest.mark.slow
+
+SPEC = {
+    "name": "search",
+    "experiment": "search-test",
+    "dataset": "gaussian",
+    "data": {"gaussian": {"classes": 3, "dim": 6, "train_per_class": 30, "test_per_class": 10}},
+    "model": {"mlp": {"depth": 3, "width": 8}},
+    "train": {"epochs": 2, "batch_size": 32},
+    "checkpoint": {"every": 1},
+    "grid": {"etf": [{"depth": 0}, {"depth": 1}]},
+    "search": {
+        "optuna": {"sampler": "tpe", "trials_per_cell": 3, "max_concurrent": 2, "seed": 0},
+        "space": {"svsl.alpha": {"loguniform": [5.0e-8, 5.0e-5]}, "svsl.gamma": {"int": [1, 2]}},
+    },
+}
+
+
+def _write(tmp_path, spec):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _studies(storage_url):
+    return {
+        s.study_name: optuna.load_study(study_name=s.study_name, storage=storage_url)
+        for s in optuna.get_all_study_summaries(storage_url)
+    }
+
+
+def _check_exact_budget(storage_url, uri, cells=2, budget=3):
+    studies = _studies(storage_url)
+    assert len(studies) == cells
+    for study in studies.values():
+        counted = [t for t in study.trials if not t.user_attrs.get(ORPHANED)]
+        assert len(counted) == budget, study.study_name
+        assert all(t.state == TrialState.COMPLETE for t in counted), [t.state for t in counted]
+        assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("search-test")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == cells * budget
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert Counter(r.data.tags["sweeper.study"] for r in finished) == {name: budget for name in studies}
+    for run in finished:
+        assert run.data.tags["sweeper.cell"] in ('etf={"depth":0}', 'etf={"depth":1}')
+        assert run.data.tags["sweeper.study_trial"].isdigit()
+        assert 5e-8 <= float(run.data.params["svsl.alpha"]) <= 5e-5
+    parent = next(r for r in runs if r.data.tags.get("sweeper.role") == "parent")
+    assert len([k for k in parent.data.metrics if k.startswith("best_value/")]) == cells
+    assert len([k for k in parent.data.tags if k.startswith("sweeper.best.")]) == cells
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_search_runs_exact_budget_per_cell(tmp_path, local_ray, sampler):
+    spec = {**SPEC, "search": {**SPEC["search"], "optuna": {**SPEC["search"]["optuna"], "sampler": sampler}}}
+    loaded = load_spec(_write(tmp_path, spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
+    assert len(result.outcomes) == 6 and all(o.status == "FINISHED" for o in result.outcomes)
+    _check_exact_budget(f"sqlite:///{result.sweep_dir / 'optuna.db'}", uri)
+
+
+@pytest.mark.skipif(not postgres_available(), reason="PostgreSQL binaries not installed")
+def test_search_with_postgres_storage(tmp_path, local_ray):
+    with postgres_server() as url:
+        spec = {**SPEC, "search": {**SPEC["search"], "optuna": {**SPEC["search"]["optuna"], "storage": url}}}
+        loaded = load_spec(_write(tmp_path, spec))
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
+        _check_exact_budget(url, uri)
+
+
+def test_search_resumes_after_driver_sigkill(tmp_path):
+    spec = {
+        **SPEC,
+        "train": {"epochs": 6, "batch_size": 32},
+        "search": {**SPEC["search"], "optuna": {**SPEC["search"]["optuna"], "trials_per_cell": 4}},
+    }
+    path = _write(tmp_path, spec)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage_url = f"sqlite:///{tmp_path / 'sweeps' / 'search' / 'optuna.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "sweeper", "run", str(path), "--storage", str(tmp_path / "sweeps")]
+
+    def complete_trials() -> int:
+        try:
+            return sum(
+                t.state == TrialState.COMPLETE for s in _studies(storage_url).values() for t in s.trials
+            )
+        except Exception:  # the storage does not exist yet
+            return 0
+
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: complete_trials() >= 2, timeout=300), "no trial finished before the kill"
+    finally:
+        kill_tree(driver.pid)  # mid-search: other trials are running or asked
+    assert complete_trials() < 8
+
+    resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _check_exact_budget(storage_url, uri, budget=4)
+
+
+def test_search_space_is_validated_against_the_model(tmp_path):
+    bad = {**SPEC, "search": {**SPEC["search"], "space": {"svsl.gamma": {"int": [1, 5]}, "svsl.alpha": {"choice": [1e-5]}}}}
+    with pytest.raises(SpecError, match="svsl.gamma: 5 is beyond the model's 2 taps"):
+        load_spec(_write(tmp_path, bad))
+    clash = {**SPEC, "search": {**SPEC["search"], "space": {"etf": {"choice": [{"depth": 1}]}}}}
+    with pytest.raises(SpecError, match="etf is both searched and in the grid"):
+        load_spec(_write(tmp_path, clash))
