@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "validate":
             from sweeper.spec import expand
 
-            print(f"{args.spec}: valid; {len(expand(loaded))} trials")
+            n = len(expand(loaded))
+            if search := loaded.spec.search:
+                budget = search.optuna.trials_per_cell
+                print(f"{args.spec}: valid; {n} cells x {budget} trials = {n * budget} trials")
+            else:
+                print(f"{args.spec}: valid; {n} trials")
             return 0
         if args.verb == "plan":
             from sweeper.plan import plan_rows
