@@ -56,12 +56,76 @@ def build_parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", help="list the trials a spec expands to, with parameter counts")
     _add_spec_args(plan)
     plan.add_argument("--json", action="store_true", help="one JSON object per line")
+    resume = verbs.add_parser("resume", help="continue an interrupted sweep from its sweep directory")
+    resume.add_argument("sweep", help="sweep directory, or sweep name under --storage")
+    resume.add_argument("--storage", type=Path, default=Path("sweeps"))
+    resume.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
+    resume.add_argument("--verbose", action="store_true")
+    status = verbs.add_parser("status", help="per-trial state, progress, best objective, failures")
+    status.add_argument("sweep", help="sweep directory, or sweep name under --storage")
+    status.add_argument("--storage", type=Path, default=Path("sweeps"))
+    status.add_argument("--json", action="store_true")
+    report = verbs.add_parser("report", help="results table and figures of a sweep, from MLflow")
+    report.add_argument("sweep", help="sweep directory, or sweep name under --storage")
+    report.add_argument("--storage", type=Path, default=Path("sweeps"))
+    report.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    report.add_argument("--out", type=Path, help="output directory (default: <sweep dir>/report)")
     data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     prepare = data_verbs.add_parser("prepare", help="download a dataset's train and test splits into a root")
     prepare.add_argument("dataset", help="mnist, fashion_mnist, cifar10, cifar100, svhn or stl10")
     prepare.add_argument("--root", type=Path, required=True, help="data root to download into")
     return parser
+
+
+def show_status(args: argparse.Namespace) -> int:
+    from sweeper.report import resolve_sweep_dir
+    from sweeper.status import format_status, sweep_status
+
+    try:
+        status = sweep_status(resolve_sweep_dir(args.sweep, args.storage))
+    except (FileNotFoundError, SpecError) as err:
+        print(f"error: status: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Run the sweep's frozen spec again: Tune restores its experiment, MLflow runs are reattached."""
+    from sweeper.orchestrate import run_sweep
+    from sweeper.report import resolve_sweep_dir
+
+    try:
+        sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
+        meta = json.loads((sweep_dir / "sweep.json").read_text())
+        loaded = load_spec(sweep_dir / "spec.yaml")
+        result = run_sweep(
+            loaded,
+            storage=sweep_dir.parent,
+            address=args.address,
+            tracking_uri=meta["tracking_uri"],
+            verbose=args.verbose,
+        )
+    except (FileNotFoundError, SpecError) as err:
+        print(f"error: resume: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _print_results(result)
+    return 0 if all(o.status == "FINISHED" for o in result.outcomes) else 1
+
+
+def report(args: argparse.Namespace) -> int:
+    from sweeper.report import make_report, render_table, resolve_sweep_dir
+
+    try:
+        sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
+        out, rows = make_report(sweep_dir, args.format, args.out)
+    except FileNotFoundError as err:
+        print(f"error: report: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(render_table(rows, "md"))
+    print(f"report written to {out} and logged to the sweep's parent run under report/")
+    return 0
 
 
 def prepare_data(dataset: str, root: Path) -> int:
@@ -114,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "data":
         return prepare_data(args.dataset, args.root)
+    if args.verb == "report":
+        return report(args)
+    if args.verb == "status":
+        return show_status(args)
+    if args.verb == "resume":
+        return resume(args)
     try:
         loaded = load_spec(args.spec, args.set, args.name, smoke=args.smoke)
         if args.verb == "validate":

@@ -58,6 +58,8 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Path, tracking_uri: str) ->
         return meta
     sweep_dir.mkdir(parents=True, exist_ok=True)
     meta = {
+        # Resolved once: a resumed sweep keeps its study storage even if the environment changed.
+        "optuna_storage": optuna_storage_url(loaded, sweep_dir) if loaded.spec.search else None,
         "sweep_id": uuid.uuid4().hex,
         "spec_hash": loaded.hash,
         "tracking_uri": tracking_uri,
@@ -174,6 +176,7 @@ def run_sweep(
             "key": t.key,
             "name": t.run_name,
             "cell": t.cell,
+            "order": f"{t.index:06d}",
             # Absolute, resolved on the driver: workers run in Ray's session directory (PITFALLS.md 7).
             "data_root": str(data_root(t.config.data)),
         }
@@ -203,7 +206,7 @@ def run_sweep(
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment_path = sweep_dir / TUNE_DIR
-        searcher = _searcher(loaded, trials, sweep_ctx, sweep_dir) if spec.search else None
+        searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
         total = len(points) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
         if tune.Tuner.can_restore(str(experiment_path)):
             tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
@@ -268,10 +271,16 @@ def run_sweep(
 
 
 def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Path) -> str:
-    return loaded.spec.search.optuna.storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    """``search.optuna.storage``, else ``$SWEEPER_OPTUNA_STORAGE`` (the compose stack's Postgres), else
+    SQLite in the sweep directory."""
+    return (
+        loaded.spec.search.optuna.storage
+        or os.environ.get("SWEEPER_OPTUNA_STORAGE")
+        or f"sqlite:///{sweep_dir / 'optuna.db'}"
+    )
 
 
-def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], sweep_dir: Path):
+def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], storage_url: str):
     from sweeper.search import CellSearcher
 
     search = loaded.spec.search
@@ -291,7 +300,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
         seed=search.optuna.seed,
         trials_per_cell=search.optuna.trials_per_cell,
         max_concurrent=search.optuna.max_concurrent,
-        storage_url=optuna_storage_url(loaded, sweep_dir),
+        storage_url=storage_url,
         sweep=sweep_ctx,
         metric=loaded.spec.objective.metric,
         mode=loaded.spec.objective.mode,

@@ -23,7 +23,10 @@ def plan_rows(loaded: LoadedSpec) -> list[dict[str, Any]]:
         row.update(trial.varying)
         if search:
             # Every grid point is a cell with its own Optuna study and budget; counts are at base values.
-            row.update(budget=search.optuna.trials_per_cell, sampler=search.optuna.sampler,
-                       searched={path: dist.as_spec() for path, dist in search.space.items()})
+            row.update(
+                budget=search.optuna.trials_per_cell,
+                sampler=search.optuna.sampler,
+                searched={path: dist.as_spec() for path, dist in search.space.items()},
+            )
         rows.append({**row, **parameter_counts(model)})
     return rows

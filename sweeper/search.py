@@ -185,6 +185,7 @@ class CellSearcher(Searcher):
             "key": trial_key(cell["key"], number),
             "name": f"{prefix}trial={number}",
             "cell": cell["name"],
+            "order": f"{index:06d}-{number:06d}",
             "data_root": cell["data_root"],
             "tags": {
                 "sweeper.study": study_name(self.sweep["sweep_id"], cell["key"]),

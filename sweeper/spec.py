@@ -315,7 +315,7 @@ def load_spec(
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(format_validation_error(source, err)) from None
-    loaded = LoadedSpec(spec, path, spec.model_dump(mode="json"))
+    loaded = LoadedSpec(spec, path, spec.model_dump(mode="json", by_alias=True))
     trials = expand(loaded)  # every grid point must be a valid trial before anything starts
     if spec.search is not None:
         check_search(loaded, trials)

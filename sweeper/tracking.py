@@ -24,11 +24,38 @@ TAG_SWEEP = "sweeper.sweep_id"
 TAG_ROLE = "sweeper.role"
 TAG_TRIAL = "sweeper.trial_key"
 TAG_CELL = "sweeper.cell"
+TAG_ORDER = "sweeper.order"  # sortable position in the plan: grid order, then study trial number
 TAG_SPEC_HASH = "sweeper.spec_hash"
 TAG_SWEEP_DIR = "sweeper.sweep_dir"
 TAG_FAILURE = "sweeper.failure"
 TAG_METRICS_VERSION = "sweeper.metric_definitions"
 SENTINEL = "epoch"  # logged last in every epoch's batch: its history is the set of complete epochs
+
+
+RETRY_ENV = "SWEEPER_TRACKING_RETRY_S"
+
+
+def with_retry(call, *args, **kwargs):
+    """Call an MLflow client method, retrying for up to ``$SWEEPER_TRACKING_RETRY_S`` seconds (default
+    900) while the tracking server is unreachable, so a restarted server loses nothing: the trial waits,
+    then logs what it holds. MLflow's own HTTP retries come first; errors the server answered (a bad
+    request) are raised at once."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    deadline = time.monotonic() + float(os.environ.get(RETRY_ENV, "900"))
+    delay = 1.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except RestException:
+            raise
+        except (MlflowException, OSError) as err:
+            if isinstance(err, MlflowException) and "API request" not in str(err):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 def default_tracking_uri() -> str:
@@ -129,7 +156,7 @@ class TrialTracker:
         tags: dict[str, str],
     ) -> None:
         self.client = MlflowClient(tracking_uri)
-        run = _find_run(self.client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key})
+        run = with_retry(_find_run, self.client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key})
         if run is None:
             all_tags = {
                 "mlflow.parentRunId": parent_run_id,
@@ -139,24 +166,25 @@ class TrialTracker:
                 TAG_METRICS_VERSION: METRIC_DEFINITIONS_VERSION,
                 **tags,
             }
-            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            run = with_retry(self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+            params_batch = [Param(k, v) for k, v in flatten(params).items()]
+            with_retry(self.client.log_batch, self.run_id, params=params_batch)
             self.last_epoch = 0
         else:
             self.run_id = run.info.run_id
-            history = self.client.get_metric_history(self.run_id, SENTINEL)
+            history = with_retry(self.client.get_metric_history, self.run_id, SENTINEL)
             self.last_epoch = int(max((m.step for m in history), default=0))
             if run.info.status != "RUNNING" and run.info.status != "FINISHED":
-                self.client.update_run(self.run_id, status="RUNNING")
-        self.status = self.client.get_run(self.run_id).info.status
+                with_retry(self.client.update_run, self.run_id, status="RUNNING")
+        self.status = with_retry(self.client.get_run, self.run_id).info.status
 
     @property
     def finished(self) -> bool:
         return self.status == "FINISHED"
 
     def latest_metrics(self) -> dict[str, float]:
-        return dict(self.client.get_run(self.run_id).data.metrics)
+        return dict(with_retry(self.client.get_run, self.run_id).data.metrics)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Log one epoch unless it is already logged; return whether it was logged."""
@@ -165,17 +193,21 @@ class TrialTracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != SENTINEL]
         batch.append(Metric(SENTINEL, float(epoch), now, epoch))
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        with_retry(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
         self.last_epoch = epoch
         return True
 
     def finish(self, summary: dict[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
-        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        with_retry(
+            self.client.log_batch,
+            self.run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+        )
+        with_retry(self.client.set_terminated, self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         self.status = "FINISHED"
 
     def fail(self, reason: str) -> None:
-        self.client.set_tag(self.run_id, TAG_FAILURE, reason[:4000])
-        self.client.set_terminated(self.run_id, RunStatus.to_string(RunStatus.FAILED))
+        with_retry(self.client.set_tag, self.run_id, TAG_FAILURE, reason[:4000])
+        with_retry(self.client.set_terminated, self.run_id, RunStatus.to_string(RunStatus.FAILED))
         self.status = "FAILED"

@@ -12,12 +12,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
-from sweeper.tracking import TAG_CELL, TAG_SPEC_HASH, TrialTracker
+from sweeper.report import TAG_TAPS
+from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_SPEC_HASH, TrialTracker, with_retry
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.config import TrialConfig
 from trainables.loop import train
+
+TAG_NODE = "sweeper.node"
 
 
 def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -48,6 +52,7 @@ def run_trial(params: dict[str, Any]) -> None:
     cfg = TrialConfig.model_validate(point["trial"])
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": point["data_root"]})})
+    taps = tap_names(cfg)
     tracker = TrialTracker(
         tracking_uri=sweep["tracking_uri"],
         experiment_id=sweep["experiment_id"],
@@ -56,8 +61,16 @@ def run_trial(params: dict[str, Any]) -> None:
         trial_key=point["key"],
         run_name=point["name"],
         params=point["trial"],
-        tags={TAG_CELL: point["cell"], TAG_SPEC_HASH: sweep["spec_hash"], **point.get("tags", {})},
+        tags={
+            TAG_CELL: point["cell"],
+            TAG_SPEC_HASH: sweep["spec_hash"],
+            TAG_TAPS: ",".join(taps),
+            TAG_ORDER: point["order"],
+            **point.get("tags", {}),
+        },
     )
+    # Where the trial runs now (a retried trial may move to another node).
+    with_retry(tracker.client.set_tag, tracker.run_id, TAG_NODE, ray.get_runtime_context().get_node_id())
     if tracker.finished:
         # Replayed after the trial had already ended (PITFALLS.md 1): report its final result, train nothing.
         final = tracker.latest_metrics()
@@ -73,4 +86,31 @@ def run_trial(params: dict[str, Any]) -> None:
     except Exception as err:
         tracker.fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
         raise
+    log_trial_figures(tracker, taps, point["name"])
     tracker.finish(summary)
+
+
+def tap_names(cfg: TrialConfig) -> list[str]:
+    import torch
+
+    from trainables.data import dataset_info
+    from trainables.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg, dataset_info(cfg)).tap_names
+
+
+def log_trial_figures(tracker: TrialTracker, taps: list[str], name: str) -> None:
+    """The trial's own figures, so the MLflow UI shows them without ``sweeper report``: NCC accuracy per
+    layer over epochs (000 Fig. 1) and the layer x epoch NC1 heatmap."""
+    from sweeper import figures
+    from sweeper.report import history_of
+
+    keys = [f"{m}/train/{t}" for m in ("ncc_acc", "nc1") for t in taps]
+    history = history_of(tracker.client, tracker.run_id, keys)
+    tracker.client.log_figure(
+        tracker.run_id, figures.ncc_over_epochs({name: history}, taps), "figures/ncc_acc_by_epoch.png"
+    )
+    tracker.client.log_figure(
+        tracker.run_id, figures.nc1_heatmap(history, taps, name), "figures/nc1_heatmap.png"
+    )

@@ -45,12 +45,29 @@ def postgres_server():
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
     port = free_port()
-    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True, timeout=120)
     subprocess.run(
-        _as_postgres([_pg_bin("pg_ctl"), "-D", data, "-l", os.path.join(base, "log"), "-w", "-o",
-                      f"-h 127.0.0.1 -p {port} -k {base}", "start"]),
-        check=True, capture_output=True, timeout=120,
+        _as_postgres([_pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        _as_postgres(
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                data,
+                "-l",
+                os.path.join(base, "log"),
+                "-w",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {base}",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     pid = int(open(os.path.join(data, "postmaster.pid")).readline())
     try:

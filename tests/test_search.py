@@ -124,7 +124,9 @@ def test_search_resumes_after_driver_sigkill(tmp_path):
         except Exception:  # the storage does not exist yet
             return 0
 
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert wait_for(lambda: complete_trials() >= 2, timeout=300), "no trial finished before the kill"
     finally:
@@ -137,7 +139,13 @@ def test_search_resumes_after_driver_sigkill(tmp_path):
 
 
 def test_search_space_is_validated_against_the_model(tmp_path):
-    bad = {**SPEC, "search": {**SPEC["search"], "space": {"svsl.gamma": {"int": [1, 5]}, "svsl.alpha": {"choice": [1e-5]}}}}
+    bad = {
+        **SPEC,
+        "search": {
+            **SPEC["search"],
+            "space": {"svsl.gamma": {"int": [1, 5]}, "svsl.alpha": {"choice": [1e-5]}},
+        },
+    }
     with pytest.raises(SpecError, match="svsl.gamma: 5 is beyond the model's 2 taps"):
         load_spec(_write(tmp_path, bad))
     clash = {**SPEC, "search": {**SPEC["search"], "space": {"etf": {"choice": [{"depth": 1}]}}}}

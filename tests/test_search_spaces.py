@@ -43,9 +43,9 @@ def test_spec_runs_in_smoke_mode(path, tmp_path, local_ray):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     loaded = load_spec(path, smoke=True)
     result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
-    assert [o.status for o in result.outcomes] == ["FINISHED"] * len(expand(loaded)), [
-        o.error for o in result.outcomes
-    ]
+    search = loaded.spec.search
+    planned = len(expand(loaded)) * (search.optuna.trials_per_cell if search else 1)
+    assert [o.status for o in result.outcomes] == ["FINISHED"] * planned, [o.error for o in result.outcomes]
     client = MlflowClient(uri)
     children = client.search_runs(
         [result.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"

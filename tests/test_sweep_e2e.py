@@ -4,6 +4,7 @@ spec again resumes it without training or logging anything twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -88,18 +89,113 @@ def _check_store(uri):
     return client, parents[0], children
 
 
-def test_cli_sweep_logs_every_layer_every_epoch_and_resumes_idempotently(tmp_path):
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One real sweep through the CLI, shared by the tests below (Ray start-up dominates their cost)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
     (tmp_path / "spec.yaml").write_text(SPEC)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = _run(tmp_path, uri)
     assert first.returncode == 0, first.stdout + first.stderr
+    return tmp_path, uri, first
+
+
+def test_cli_sweep_logs_every_layer_every_epoch(sweep):
+    _, uri, first = sweep
     assert "4 finished, 0 failed" in first.stdout
     assert f"mlflow ui --backend-store-uri {uri}" in first.stdout
     assert "Traceback" not in first.stderr
-    _, parent, children = _check_store(uri)
+    client, parent, children = _check_store(uri)
     assert parent.data.metrics["trials_finished"] == 4
+    for child in children:
+        # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
+        listed = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert listed == {"figures/ncc_acc_by_epoch.png", "figures/nc1_heatmap.png"}
 
-    second = _run(tmp_path, uri)  # same spec, same storage: resumes the finished sweep
+
+def test_report_table_equals_mlflow_and_figures_are_images(sweep):
+    import json
+
+    import matplotlib.image
+
+    tmp_path, uri, _ = sweep
+    for fmt in ("md", "csv", "json"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sweeper",
+                "report",
+                "e2e",
+                "--storage",
+                str(tmp_path / "sweeps"),
+                "--format",
+                fmt,
+                "--out",
+                str(tmp_path / "report"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "report" / f"results.{fmt}").stat().st_size > 0
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["variant"] for r in rows] == ["model.mlp.width=8", "model.mlp.width=12"]
+    client, parent, children = _check_store(uri)
+    for row in rows:
+        members = [c for c in children if c.data.tags["sweeper.cell"] == row["variant"]]
+        assert row["n"] == len(members) == 2
+        test = [
+            [
+                m.value
+                for m in sorted(client.get_metric_history(c.info.run_id, "test_acc"), key=lambda m: m.step)
+            ]
+            for c in members
+        ]
+        assert row["test_acc_at_end"] == pytest.approx(sum(t[-1] for t in test) / 2)
+        assert row["best_test_acc"] == pytest.approx(sum(max(t) for t in test) / 2)
+        assert row["trainable_params"] == members[0].data.metrics["final/trainable_params"]
+    pngs = sorted((tmp_path / "report").rglob("*.png"))
+    assert {p.name for p in pngs} >= {
+        "ncc_acc_by_epoch.png",
+        "ncc_mismatch_by_layer.png",
+        "collapse_by_layer.png",
+    }
+    assert len([p for p in pngs if p.parent.name == "nc1_heatmaps"]) == 4
+    for png in pngs:
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/results.json" in logged and "report/ncc_acc_by_epoch.png" in logged
+
+
+def test_running_again_resumes_without_training_or_logging_twice(sweep):
+    tmp_path, uri, _ = sweep
+    _, parent, children = _check_store(uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    status = subprocess.run(
+        [sys.executable, "-m", "sweeper", "status", "e2e", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["counts"]["FINISHED"] == 4 and state["planned"] == 4
+    assert all(t["epoch"] == 3 for t in state["trials"])
+    # `resume` takes the frozen spec from the sweep directory; the finished sweep trains nothing again.
+    second = subprocess.run(
+        [sys.executable, "-m", "sweeper", "resume", "e2e"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "4 finished, 0 failed" in second.stdout
     _, parent2, children2 = _check_store(uri)

@@ -1,0 +1,114 @@
+"""The papers' figures as pure functions of metric histories: data in, a matplotlib Figure out.
+
+A history is ``{metric key: [(epoch, value), ...]}`` with keys as logged (``ncc_acc/train/fc3``). Layers
+are taken in the order the model lists its taps (``layers`` arguments), so the x axes read bottom to top.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+History = dict[str, list[tuple[int, float]]]
+
+
+def layers_of(history: History, metric: str = "ncc_acc", split: str = "train") -> list[str]:
+    """Tap names present for a metric, in the order they were first logged (the model's depth order)."""
+    prefix = f"{metric}/{split}/"
+    return [key[len(prefix) :] for key in history if key.startswith(prefix)]
+
+
+def ncc_over_epochs(variants: dict[str, History], layers: list[str], split: str = "train") -> Figure:
+    """NCC accuracy of every layer over epochs, one panel per variant (seed 000 Figs. 1-2, 4)."""
+    n = len(variants)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, (variant, history) in zip(axes[0], variants.items()):
+        for i, layer in enumerate(layers):
+            points = history.get(f"ncc_acc/{split}/{layer}", [])
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, color=cmap(i / max(1, len(layers) - 1)), label=layer)
+        ax.set_title(variant, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"NCC accuracy ({split})")
+    axes[0][-1].legend(title="layer", fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def final(history: History, key: str) -> float | None:
+    points = history.get(key)
+    return points[-1][1] if points else None
+
+
+def by_layer(variants: dict[str, History], layers: list[str], panels: list[tuple[str, str, str]]) -> Figure:
+    """Metrics at the end of training against layer, one line per variant; ``panels`` are
+    (metric, split, y label)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    x = np.arange(1, len(layers) + 1)
+    for ax, (metric, split, label) in zip(axes[0], panels):
+        for variant, history in variants.items():
+            values = [final(history, f"{metric}/{split}/{layer}") for layer in layers]
+            ax.plot(x, [np.nan if v is None else v for v in values], marker="o", label=variant)
+        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def mismatch_by_layer(variants: dict[str, History], layers: list[str]) -> Figure:
+    """Train and test NCC mismatch (NC4) per layer at the end of training, e.g. vanilla vs SVSL (004 Fig. 2)."""
+    return by_layer(
+        variants,
+        layers,
+        [("ncc_mismatch", "train", "NCC mismatch (train)"), ("ncc_mismatch", "test", "NCC mismatch (test)")],
+    )
+
+
+def collapse_by_layer(variants: dict[str, History], layers: list[str]) -> Figure:
+    """NC1 ratio, NC2 (distance to a simplex ETF), NC3 alignment and NCC accuracy by layer (002 Figs. 1-4)."""
+    return by_layer(
+        variants,
+        layers,
+        [
+            ("nc1_ratio", "train", "NC1: Tr(Sw)/Tr(St) (train)"),
+            ("nc2_etf", "train", "NC2: distance to ETF (train)"),
+            ("nc3_alignment", "train", "NC3: alignment with next W (train)"),
+            ("ncc_acc", "train", "NCC accuracy (train)"),
+        ],
+    )
+
+
+def nc1_heatmap(history: History, layers: list[str], title: str) -> Figure:
+    """NC1 of every layer over epochs as a layer x epoch heatmap (log10 colour scale)."""
+    epochs = sorted({step for layer in layers for step, _ in history.get(f"nc1/train/{layer}", [])})
+    grid = np.full((len(layers), len(epochs)), np.nan)
+    column = {e: j for j, e in enumerate(epochs)}
+    for i, layer in enumerate(layers):
+        for step, value in history.get(f"nc1/train/{layer}", []):
+            grid[i, column[step]] = np.log10(max(value, 1e-12))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * len(epochs) + 3), 0.4 * len(layers) + 1.8))
+    extent = (epochs[0] - 0.5, epochs[-1] + 0.5, len(layers) + 0.5, 0.5) if epochs else None
+    image = ax.imshow(grid, aspect="auto", cmap="magma", extent=extent, interpolation="nearest")
+    ax.set_yticks(range(1, len(layers) + 1), layers, fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="log10 NC1 (train)")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path) -> None:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

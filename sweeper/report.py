@@ -1,0 +1,218 @@
+"""``sweeper report``: the papers' tables and figures for any sweep, read back from MLflow.
+
+One row per variant (grid cell: the varying values without the seed) in the shape of seed 000's
+Tables 1-2 and seed 004's Table 1: trainable parameters, best train and test accuracy, test accuracy at
+the interpolation threshold, at the end of training and at the best test epoch, effective depth, each as
+mean and standard deviation over the variant's finished trials, with their number; for searched cells
+the best parameters of the cell's study.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from sweeper import figures
+from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP
+
+TAG_TAPS = "sweeper.taps"
+COLUMNS = [
+    ("trainable_params", "trainable params"),
+    ("best_train_acc", "best train acc"),
+    ("best_test_acc", "best test acc"),
+    ("test_acc_at_interpolation", "test acc at IT"),
+    ("test_acc_at_end", "test acc at end"),
+    ("test_acc_at_best_epoch", "test acc at best epoch"),
+    ("effective_depth", "effective depth"),
+]
+
+
+@dataclass
+class TrialRecord:
+    run_id: str
+    name: str
+    cell: str
+    taps: list[str]
+    history: figures.History
+    values: dict[str, float | None]
+
+
+def resolve_sweep_dir(sweep: str, storage: Path) -> Path:
+    """A sweep directory, or a sweep name under ``storage``."""
+    for candidate in (Path(sweep), storage / sweep):
+        if (candidate / "sweep.json").exists():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no sweep '{sweep}': neither {sweep} nor {storage / sweep} holds a sweep.json")
+
+
+def history_of(client: MlflowClient, run_id: str, keys: list[str]) -> figures.History:
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
+
+
+def _trial_values(history: figures.History, metrics: dict[str, float]) -> dict[str, float | None]:
+    test = dict(history.get("test_acc", []))
+    train = dict(history.get("train_acc", []))
+    it = int(metrics.get("interpolation_epoch", 0) or 0)
+    best_epoch = max(test, key=lambda e: (test[e], -e)) if test else None
+    return {
+        "trainable_params": metrics.get("final/trainable_params"),
+        "best_train_acc": max(train.values()) if train else None,
+        "best_test_acc": max(test.values()) if test else None,
+        "test_acc_at_interpolation": test.get(it) if it else None,
+        "test_acc_at_end": test[max(test)] if test else None,
+        "test_acc_at_best_epoch": test[best_epoch] if best_epoch is not None else None,
+        "effective_depth": metrics.get("final/effective_depth"),
+    }
+
+
+def collect(client: MlflowClient, sweep_id: str) -> tuple[Any, list[TrialRecord]]:
+    parents = client.search_runs(
+        experiment_ids=[e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'parent'",
+    )
+    if not parents:
+        raise FileNotFoundError(f"MLflow holds no parent run for sweep {sweep_id}")
+    parent = parents[0]
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'trial'",
+        max_results=50_000,
+    )
+    records = []
+    for run in sorted(children, key=lambda r: (r.data.tags.get(TAG_ORDER, ""), r.info.run_name or "")):
+        if run.info.status != "FINISHED":
+            continue
+        taps = [t for t in run.data.tags.get(TAG_TAPS, "").split(",") if t]
+        keys = ["train_acc", "test_acc"] + [
+            f"{metric}/{split}/{tap}"
+            for metric in ("ncc_acc", "ncc_mismatch", "nc1", "nc1_ratio", "nc2_etf", "nc3_alignment")
+            for split in ("train", "test")
+            for tap in taps
+        ]
+        history = history_of(client, run.info.run_id, [k for k in keys if k in run.data.metrics])
+        records.append(
+            TrialRecord(
+                run.info.run_id,
+                run.info.run_name,
+                run.data.tags.get(TAG_CELL, "all"),
+                taps,
+                history,
+                _trial_values(history, run.data.metrics),
+            )
+        )
+    return parent, records
+
+
+def table_rows(parent, records: list[TrialRecord]) -> list[dict[str, Any]]:
+    best_by_cell = {}
+    for key, value in parent.data.tags.items():
+        if key.startswith("sweeper.best."):
+            info = json.loads(value)
+            best_by_cell[info["cell"]] = info
+    rows = []
+    for cell in dict.fromkeys(r.cell for r in records):
+        members = [r for r in records if r.cell == cell]
+        row: dict[str, Any] = {"variant": cell, "n": len(members)}
+        for key, _ in COLUMNS:
+            values = [r.values[key] for r in members if r.values[key] is not None]
+            row[key] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0 if values else None
+        if cell in best_by_cell:
+            row["best_params"] = best_by_cell[cell]["params"]
+            row["best_value"] = best_by_cell[cell]["value"]
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    mean, std = row.get(key), row.get(f"{key}_std")
+    if mean is None:
+        return "-"
+    if key == "trainable_params":
+        return f"{mean:,.0f}"
+    if key == "effective_depth":
+        return f"{mean:.2f} ± {std:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def render_table(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
+        return out.getvalue()
+    header = ["variant", "seeds"] + [label for _, label in COLUMNS]
+    searched = any("best_params" in row for row in rows)
+    if searched:
+        header.append("best searched params")
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [row["variant"], str(row["n"])] + [_cell(row, key) for key, _ in COLUMNS]
+        if searched:
+            cells.append(json.dumps(row.get("best_params", {})))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Accuracies in percent, mean ± std over the variant's finished trials; IT: interpolation "
+        "threshold (first epoch with train accuracy >= 99.5%)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _mean_history(records: list[TrialRecord]) -> figures.History:
+    """Per key and epoch, the mean over a variant's trials."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for record in records:
+        for key, points in record.history.items():
+            for step, value in points:
+                sums.setdefault(key, {}).setdefault(step, []).append(value)
+    return {key: [(s, statistics.fmean(v)) for s, v in sorted(steps.items())] for key, steps in sums.items()}
+
+
+def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
+    cells = list(dict.fromkeys(r.cell for r in records))
+    variants = {cell: _mean_history([r for r in records if r.cell == cell]) for cell in cells}
+    layers = records[0].taps if records else []
+    paths = []
+    for name, fig in (
+        ("ncc_acc_by_epoch.png", figures.ncc_over_epochs(variants, layers)),
+        ("ncc_mismatch_by_layer.png", figures.mismatch_by_layer(variants, layers)),
+        ("collapse_by_layer.png", figures.collapse_by_layer(variants, layers)),
+    ):
+        figures.save(fig, out / name)
+        paths.append(out / name)
+    heatmaps = out / "nc1_heatmaps"
+    heatmaps.mkdir(exist_ok=True)
+    for record in records:
+        path = heatmaps / f"{record.name.replace('/', '_').replace(' ', '')}.png"
+        figures.save(figures.nc1_heatmap(record.history, record.taps, record.name), path)
+        paths.append(path)
+    return paths
+
+
+def make_report(sweep_dir: Path, fmt: str, out: Path | None) -> tuple[Path, list[dict[str, Any]]]:
+    """Write the table and figures to ``out`` (default ``<sweep dir>/report``) and log them to the parent run."""
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    client = MlflowClient(meta["tracking_uri"])
+    parent, records = collect(client, meta["sweep_id"])
+    out = (out or sweep_dir / "report").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(parent, records)
+    table = out / f"results.{fmt}"
+    table.write_text(render_table(rows, fmt))
+    if records:
+        write_figures(records, out)
+    client.log_artifacts(parent.info.run_id, str(out), "report")
+    return out, rows

@@ -1,0 +1,94 @@
+"""``sweeper status``: where a sweep stands, from its sweep directory and MLflow (works while it runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from sweeper.spec import expand, load_spec
+from sweeper.tracking import SENTINEL, TAG_FAILURE, TAG_ORDER, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, ui_command
+
+
+def sweep_status(sweep_dir: Path) -> dict[str, Any]:
+    meta = json.loads((sweep_dir / "sweep.json").read_text())
+    loaded = load_spec(sweep_dir / "spec.yaml")
+    spec = loaded.spec
+    client = MlflowClient(meta["tracking_uri"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`{TAG_SWEEP}` = '{meta['sweep_id']}'",
+        max_results=50_000,
+    )
+    parent = next((r for r in runs if r.data.tags.get(TAG_ROLE) == "parent"), None)
+    children = {r.data.tags.get(TAG_TRIAL): r for r in runs if r.data.tags.get(TAG_ROLE) == "trial"}
+    metric, mode = spec.objective.metric, spec.objective.mode
+    rows = []
+    planned = expand(loaded)
+    if spec.search is None:
+        for trial in planned:
+            rows.append(_row(trial.run_name, children.pop(trial.key, None), spec.train.epochs, metric))
+    for run in sorted(
+        children.values(), key=lambda r: (r.data.tags.get(TAG_ORDER, ""), r.info.run_name or "")
+    ):
+        rows.append(_row(run.info.run_name, run, spec.train.epochs, metric))
+    values = [r[metric] for r in rows if r[metric] is not None]
+    best = (max if mode == "max" else min)(values) if values else None
+    total = len(planned) * (spec.search.optuna.trials_per_cell if spec.search else 1)
+    return {
+        "sweep": spec.name,
+        "sweep_dir": str(sweep_dir),
+        "planned": total,
+        "counts": {
+            s: sum(r["state"] == s for r in rows)
+            for s in ("FINISHED", "RUNNING", "FAILED", "KILLED", "PENDING")
+        },
+        f"best_{metric}": best,
+        "mlflow": ui_command(meta["tracking_uri"]),
+        "parent_run_id": parent.info.run_id if parent else None,
+        "trials": rows,
+    }
+
+
+def _row(name: str, run, epochs: int, metric: str) -> dict[str, Any]:
+    if run is None:
+        return {
+            "trial": name,
+            "state": "PENDING",
+            "epoch": 0,
+            "epochs": epochs,
+            metric: None,
+            "failure": None,
+        }
+    return {
+        "trial": name,
+        "state": run.info.status,
+        "epoch": int(run.data.metrics.get(SENTINEL, 0)),
+        "epochs": epochs,
+        metric: run.data.metrics.get(metric),
+        "failure": (run.data.tags.get(TAG_FAILURE) or "").splitlines()[0]
+        if run.data.tags.get(TAG_FAILURE)
+        else None,
+        "run_id": run.info.run_id,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    metric = next(k for k in status if k.startswith("best_"))[len("best_") :]
+    lines = [
+        f"sweep {status['sweep']} ({status['sweep_dir']}): {status['planned']} planned; "
+        + ", ".join(f"{n} {s.lower()}" for s, n in status["counts"].items() if n)
+    ]
+    best = status[f"best_{metric}"]
+    lines.append(f"best {metric} so far: {best:.4f}" if best is not None else f"best {metric}: none yet")
+    width = max([len(r["trial"]) for r in status["trials"]] + [5])
+    lines.append(f"{'trial'.ljust(width)}  {'state':8s}  {'epoch':>9s}  {metric:>9s}  failure")
+    for r in status["trials"]:
+        value = f"{r[metric]:.4f}" if r[metric] is not None else "-"
+        lines.append(
+            f"{r['trial'].ljust(width)}  {r['state']:8s}  {r['epoch']:>4d}/{r['epochs']:<4d}  {value:>9s}  {r['failure'] or ''}"
+        )
+    lines.append(f"MLflow: {status['mlflow']} (parent run {status['parent_run_id']})")
+    return "\n".join(lines)
