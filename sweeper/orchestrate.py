@@ -96,7 +96,9 @@ def _init_ray(address: str | None, env_vars: dict[str, str], verbose: bool) -> N
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(include_dashboard=False, **common)
+        # "local": a new instance on this machine even when `ray start` left a cluster (or its stale
+        # address file) behind; plain ray.init() would try to join that one.
+        ray.init(address="local", include_dashboard=False, **common)
 
 
 def check_resources(loaded: LoadedSpec, address: str | None) -> None:

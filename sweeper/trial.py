@@ -81,6 +81,10 @@ def run_trial(params: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(Path(directory) / STATE_FILE)
+    if state is not None:
+        # Evidence that a retried or resumed trial continued from its checkpoint, not from scratch.
+        restored = int(state["epoch"])
+        with_retry(tracker.client.log_metric, tracker.run_id, "restored_from_epoch", restored, step=restored)
     try:
         summary = train(cfg, TuneReporter(tracker), state)
     except Exception as err:
