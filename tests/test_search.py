@@ -93,6 +93,27 @@ def test_search_runs_exact_budget_per_cell(tmp_path, local_ray, sampler):
     _check_exact_budget(f"sqlite:///{result.sweep_dir / 'optuna.db'}", uri)
 
 
+def test_asha_pruning_stops_trials_early_and_keeps_the_budget(tmp_path, local_ray):
+    spec = {
+        **SPEC,
+        "train": {"epochs": 6, "batch_size": 32},
+        "grid": {"etf": [{"depth": 0}]},
+        # One trial at a time and a learning rate that matters: the rung decisions are deterministic.
+        "search": {
+            "optuna": {"sampler": "tpe", "trials_per_cell": 4, "max_concurrent": 1, "seed": 0},
+            "space": {"train.optimizer.lr": {"loguniform": [1.0e-4, 0.5]}},
+            "prune": {"grace_period": 1, "reduction_factor": 2},
+        },
+    }
+    loaded = load_spec(_write(tmp_path, spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
+    epochs = [int(o.metrics["epoch"]) for o in result.outcomes]
+    assert len(epochs) == 4 and min(epochs) < 6, epochs  # ASHA stopped at least one trial at a rung
+    (study,) = _studies(f"sqlite:///{result.sweep_dir / 'optuna.db'}").values()
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+
+
 @pytest.mark.skipif(not postgres_available(), reason="PostgreSQL binaries not installed")
 def test_search_with_postgres_storage(tmp_path, local_ray):
     with postgres_server() as url:
