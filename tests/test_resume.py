@@ -66,8 +66,8 @@ def _check_exactly_once(client, planned, epochs):
 
 
 def test_driver_sigkill_at_several_points_then_resume(tmp_path):
-    epochs = 80
-    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=30, seeds="[0, 1, 2, 3]"))
+    epochs = 50
+    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
 
@@ -96,7 +96,7 @@ def test_driver_sigkill_at_several_points_then_resume(tmp_path):
 
 
 def test_worker_killed_mid_trial_continues_from_checkpoint(tmp_path):
-    epochs, every = 100, 20
+    epochs, every = 70, 15
     (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=every, seeds="[0]"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
