@@ -19,8 +19,9 @@ SPACE = {"svsl.alpha": {"loguniform": [5.0e-8, 5.0e-5]}, "svsl.gamma": {"int": [
 
 
 def bench(sampler: str, trials: int, storage: str) -> tuple[float, float, float]:
-    study = optuna.create_study(study_name=sampler, storage=storage, sampler=make_sampler(sampler, 0),
-                                direction="maximize")
+    study = optuna.create_study(
+        study_name=sampler, storage=storage, sampler=make_sampler(sampler, 0), direction="maximize"
+    )
     dists = {k: make_distribution(v) for k, v in SPACE.items()}
     times = []
     for _ in range(trials):
