@@ -196,10 +196,7 @@ def run_sweep(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Workers do not inherit the driver's environment (PITFALLS.md 7); trials also get the store and the
     # data root in their params, so a reused Ray session works the same.
-    env_vars = {
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-    }
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri}
     import ray
 
     started_ray = not ray.is_initialized()

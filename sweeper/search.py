@@ -173,12 +173,12 @@ class CellSearcher(Searcher):
     def _point(self, index: int, number: int, params: dict[str, Any]) -> dict[str, Any]:
         import json
 
-        from sweeper.spec import _set_path
+        from trainables.config import set_path
 
         cell = self.cells[index]
         trial = json.loads(json.dumps(cell["trial"]))
         for path, value in params.items():
-            _set_path(trial, path, value)
+            set_path(trial, path, value)
         prefix = f"{cell['name']}," if cell["name"] != "trial" else ""
         return {
             "trial": trial,

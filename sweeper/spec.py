@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig
+from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig, set_path
 
 RUN_LEVEL_METRICS = (
     "test_acc",
@@ -195,16 +195,6 @@ def _short(value: Any) -> str:
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (dict, list)) else str(value)
 
 
-def _set_path(data: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for key in parents:
-        child = data.get(key)
-        if not isinstance(child, dict):
-            child = data[key] = {}
-        data = child
-    data[leaf] = value
-
-
 def _format_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -308,7 +298,7 @@ def load_spec(
             # Grid keys are themselves dotted paths: grid.model.mlp.width names one grid entry.
             data.setdefault("grid", {})[key[len("grid.") :]] = value
         else:
-            _set_path(data, key, value)
+            set_path(data, key, value)
     if name is not None:
         data["name"] = name
     try:
@@ -338,7 +328,7 @@ def check_search(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
         for setting in settings:
             data = trial.config.model_dump(mode="json")
             for path, value in setting.items():
-                _set_path(data, path, value)
+                set_path(data, path, value)
             try:
                 config = TrialConfig.model_validate(data)
             except ValidationError as err:
@@ -392,7 +382,7 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
         varying: dict[str, Any] = {}
         for _, pairs in combo:
             for path, value in pairs:
-                _set_path(data, path, value)
+                set_path(data, path, value)
                 varying[path] = value
         try:
             config = TrialConfig.model_validate(data)

@@ -111,10 +111,16 @@ def log_trial_figures(tracker: TrialTracker, taps: list[str], name: str) -> None
     from sweeper.report import history_of
 
     keys = [f"{m}/train/{t}" for m in ("ncc_acc", "nc1") for t in taps]
-    history = history_of(tracker.client, tracker.run_id, keys)
-    tracker.client.log_figure(
-        tracker.run_id, figures.ncc_over_epochs({name: history}, taps), "figures/ncc_acc_by_epoch.png"
+    history = with_retry(history_of, tracker.client, tracker.run_id, keys)
+    with_retry(
+        tracker.client.log_figure,
+        tracker.run_id,
+        figures.ncc_over_epochs({name: history}, taps),
+        "figures/ncc_acc_by_epoch.png",
     )
-    tracker.client.log_figure(
-        tracker.run_id, figures.nc1_heatmap(history, taps, name), "figures/nc1_heatmap.png"
+    with_retry(
+        tracker.client.log_figure,
+        tracker.run_id,
+        figures.nc1_heatmap(history, taps, name),
+        "figures/nc1_heatmap.png",
     )

@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from trainables.checkpoint import load_state, save_state
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, set_path
 from trainables.loop import train
 
 
@@ -30,13 +30,6 @@ class PrintReporter:
         print(json.dumps({"epoch": epoch, **metrics}), flush=True)
 
 
-def _set(data: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        data = data.setdefault(key, {})
-    data[leaf] = value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainables", description=__doc__.splitlines()[0])
     parser.add_argument("trial", type=Path, help="YAML or JSON file of one trial config")
@@ -47,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         data = yaml.safe_load(args.trial.read_text()) or {}
         for item in args.set:
             key, _, value = item.partition("=")
-            _set(data, key, yaml.safe_load(value))
+            set_path(data, key, yaml.safe_load(value))
         cfg = TrialConfig.model_validate(data)
     except (OSError, yaml.YAMLError, ValidationError, AttributeError) as err:
         print(f"error: {args.trial}: {err}", file=sys.stderr)

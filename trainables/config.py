@@ -241,3 +241,15 @@ class TrialConfig(Frozen):
 
 
 TRIAL_FIELDS = tuple(TrialConfig.model_fields)
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``data["a"]["b"]["c"] = value`` for ``path = "a.b.c"``, creating (or replacing non-mapping)
+    sections on the way: how ``--set``, grids and searched values address trial-config fields."""
+    *parents, leaf = path.split(".")
+    for key in parents:
+        child = data.get(key)
+        if not isinstance(child, dict):
+            child = data[key] = {}
+        data = child
+    data[leaf] = value
