@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from sweeper.spec import SpecError, _short, load_spec
+from sweeper.location import LocationError
+from sweeper.spec import SpecError, _short, load_spec, load_spec_text
 
 EXIT_BAD_INPUT = 2
 
@@ -41,9 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(run)
     run.add_argument(
         "--storage",
-        type=Path,
-        default=Path("sweeps"),
-        help="directory holding sweep directories (default: ./sweeps)",
+        default="sweeps",
+        help="directory or object-store URI (s3://bucket/prefix) holding sweep directories (default: ./sweeps)",
     )
     run.add_argument(
         "--address",
@@ -58,16 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object per line")
     resume = verbs.add_parser("resume", help="continue an interrupted sweep from its sweep directory")
     resume.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    resume.add_argument("--storage", type=Path, default=Path("sweeps"))
+    resume.add_argument("--storage", default="sweeps")
     resume.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
     resume.add_argument("--verbose", action="store_true")
     status = verbs.add_parser("status", help="per-trial state, progress, best objective, failures")
     status.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    status.add_argument("--storage", type=Path, default=Path("sweeps"))
+    status.add_argument("--storage", default="sweeps")
     status.add_argument("--json", action="store_true")
     report = verbs.add_parser("report", help="results table and figures of a sweep, from MLflow")
     report.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    report.add_argument("--storage", type=Path, default=Path("sweeps"))
+    report.add_argument("--storage", default="sweeps")
     report.add_argument("--format", choices=["md", "csv", "json"], default="md")
     report.add_argument("--out", type=Path, help="output directory (default: <sweep dir>/report)")
     data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
@@ -84,7 +84,7 @@ def show_status(args: argparse.Namespace) -> int:
 
     try:
         status = sweep_status(resolve_sweep_dir(args.sweep, args.storage))
-    except (FileNotFoundError, SpecError) as err:
+    except (FileNotFoundError, SpecError, LocationError) as err:
         print(f"error: status: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(status, indent=2) if args.json else format_status(status))
@@ -98,8 +98,8 @@ def resume(args: argparse.Namespace) -> int:
 
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
-        meta = json.loads((sweep_dir / "sweep.json").read_text())
-        loaded = load_spec(sweep_dir / "spec.yaml")
+        meta = json.loads(sweep_dir.read_text("sweep.json"))
+        loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
         result = run_sweep(
             loaded,
             storage=sweep_dir.parent,
@@ -107,7 +107,7 @@ def resume(args: argparse.Namespace) -> int:
             tracking_uri=meta["tracking_uri"],
             verbose=args.verbose,
         )
-    except (FileNotFoundError, SpecError) as err:
+    except (FileNotFoundError, SpecError, LocationError) as err:
         print(f"error: resume: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_results(result)
@@ -120,7 +120,7 @@ def report(args: argparse.Namespace) -> int:
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
         out, rows = make_report(sweep_dir, args.format, args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, LocationError) as err:
         print(f"error: report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(render_table(rows, "md"))
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=default_tracking_uri(),
             verbose=args.verbose,
         )
-    except SpecError as err:
+    except (SpecError, LocationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_results(result)

@@ -1,6 +1,6 @@
 """Running a sweep: the sweep directory, Ray, the Tune experiment, the MLflow parent run.
 
-A sweep directory (``STORAGE/NAME``) holds the frozen spec (``spec.yaml``), ``sweep.json`` (sweep id,
+A sweep directory (``STORAGE/NAME``, a path or an object-store URI, see ``sweeper.location``) holds the frozen spec (``spec.yaml``), ``sweep.json`` (sweep id,
 spec hash, tracking URI) and the Tune experiment (``tune/``: trial table and checkpoints). Running the same
 spec again with the same storage resumes it; a different spec under the same name is refused.
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from sweeper.location import Location, LocationError, credential_env, parse_location
 from sweeper.spec import LoadedSpec, PlannedTrial, SpecError, expand
 from trainables.data import data_root
 
@@ -35,7 +36,7 @@ class TrialOutcome:
 
 @dataclass(frozen=True)
 class SweepResult:
-    sweep_dir: Path
+    sweep_dir: Location
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -43,33 +44,33 @@ class SweepResult:
     wall_s: float
 
 
-def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Path, tracking_uri: str) -> dict[str, Any]:
+def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str) -> dict[str, Any]:
     """Create the sweep directory, or check that an existing one holds the same spec; return sweep.json."""
-    meta_path = sweep_dir / "sweep.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta["spec_hash"] != loaded.hash:
-            old = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
-            changed = sorted(_diff(old, loaded.resolved))
-            raise SpecError(
-                f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
-                f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
-            )
-        return meta
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        # Resolved once: a resumed sweep keeps its study storage even if the environment changed.
-        "optuna_storage": optuna_storage_url(loaded, sweep_dir) if loaded.spec.search else None,
-        "sweep_id": uuid.uuid4().hex,
-        "spec_hash": loaded.hash,
-        "tracking_uri": tracking_uri,
-        "name": loaded.spec.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(loaded.resolved, sort_keys=False))
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)  # sweep.json last: its presence means the directory is complete
+    try:
+        if sweep_dir.exists("sweep.json"):
+            meta = json.loads(sweep_dir.read_text("sweep.json"))
+            if meta["spec_hash"] != loaded.hash:
+                old = yaml.safe_load(sweep_dir.read_text("spec.yaml"))
+                changed = sorted(_diff(old, loaded.resolved))
+                raise SpecError(
+                    f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
+                    f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
+                )
+            return meta
+        meta = {
+            # Resolved once: a resumed sweep keeps its study storage even if the environment changed.
+            "optuna_storage": optuna_storage_url(loaded, sweep_dir) if loaded.spec.search else None,
+            "sweep_id": uuid.uuid4().hex,
+            "spec_hash": loaded.hash,
+            "tracking_uri": tracking_uri,
+            "name": loaded.spec.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        sweep_dir.write_text("spec.yaml", yaml.safe_dump(loaded.resolved, sort_keys=False))
+        # sweep.json last: its presence means the directory is complete.
+        sweep_dir.write_text("sweep.json", json.dumps(meta, indent=2))
+    except OSError as err:
+        raise LocationError(f"cannot use sweep directory '{sweep_dir}': {err}") from None
     return meta
 
 
@@ -133,7 +134,7 @@ def stage_datasets(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
 def run_sweep(
     loaded: LoadedSpec,
     *,
-    storage: Path,
+    storage: Location | str | Path,
     address: str | None,
     tracking_uri: str,
     progress: bool = True,
@@ -152,7 +153,15 @@ def run_sweep(
     check_resources(loaded, address)
     stage_datasets(loaded, trials)
     started = time.perf_counter()
-    sweep_dir = (storage / spec.name).resolve()
+    if not isinstance(storage, Location):
+        storage = parse_location(storage)
+    sweep_dir = storage.child(spec.name)
+    if spec.search and not sweep_dir.is_local and not _explicit_optuna_storage(loaded):
+        raise SpecError(
+            f"{loaded.path}: search.optuna.storage: the sweep directory {sweep_dir} is in an object store, "
+            "where Optuna's SQLite file cannot live; give a database URL (postgresql://...) there or in "
+            "$SWEEPER_OPTUNA_STORAGE"
+        )
     meta = prepare_sweep_dir(loaded, sweep_dir, tracking_uri)
     tracking_uri = meta["tracking_uri"]
     client = MlflowClient(tracking_uri)
@@ -162,7 +171,7 @@ def run_sweep(
         sweep_id=meta["sweep_id"],
         sweep_name=spec.name,
         spec_hash=loaded.hash,
-        spec_text=(sweep_dir / "spec.yaml").read_text(),
+        spec_text=sweep_dir.read_text("spec.yaml"),
         sweep_dir=str(sweep_dir),
     )
     sweep_ctx = {
@@ -196,7 +205,7 @@ def run_sweep(
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     # Workers do not inherit the driver's environment (PITFALLS.md 7); trials also get the store and the
     # data root in their params, so a reused Ray session works the same.
-    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri}
+    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **credential_env()}
     import ray
 
     started_ray = not ray.is_initialized()
@@ -204,11 +213,13 @@ def run_sweep(
         _init_ray(address, env_vars, verbose)
     try:
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        experiment_path = sweep_dir / TUNE_DIR
+        experiment = sweep_dir.child(TUNE_DIR)
         searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
         total = len(points) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
-        if tune.Tuner.can_restore(str(experiment_path)):
-            tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        if tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
+            tuner = tune.Tuner.restore(
+                experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=experiment.fs
+            )
         else:
             if searcher is None:
                 param_space = {"point": tune.grid_search(points), "sweep": sweep_ctx}
@@ -236,7 +247,8 @@ def run_sweep(
                 ),
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
-                    storage_path=str(sweep_dir),
+                    storage_path=sweep_dir.path,
+                    storage_filesystem=sweep_dir.fs,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[ProgressPrinter(total, spec.objective.metric)] if progress else [],
@@ -269,13 +281,17 @@ def run_sweep(
     )
 
 
-def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Path) -> str:
+def _explicit_optuna_storage(loaded: LoadedSpec) -> bool:
+    return bool(loaded.spec.search.optuna.storage or os.environ.get("SWEEPER_OPTUNA_STORAGE"))
+
+
+def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:
     """``search.optuna.storage``, else ``$SWEEPER_OPTUNA_STORAGE`` (the compose stack's Postgres), else
     SQLite in the sweep directory."""
     return (
         loaded.spec.search.optuna.storage
         or os.environ.get("SWEEPER_OPTUNA_STORAGE")
-        or f"sqlite:///{sweep_dir / 'optuna.db'}"
+        or f"sqlite:///{Path(sweep_dir.path) / 'optuna.db'}"
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from sweeper import figures
+from sweeper.location import Location, LocationError, parse_location
 from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP
 
 TAG_TAPS = "sweeper.taps"
@@ -44,12 +45,20 @@ class TrialRecord:
     values: dict[str, float | None]
 
 
-def resolve_sweep_dir(sweep: str, storage: Path) -> Path:
-    """A sweep directory, or a sweep name under ``storage``."""
-    for candidate in (Path(sweep), storage / sweep):
-        if (candidate / "sweep.json").exists():
-            return candidate.resolve()
-    raise FileNotFoundError(f"no sweep '{sweep}': neither {sweep} nor {storage / sweep} holds a sweep.json")
+def resolve_sweep_dir(sweep: str, storage: str | Path) -> Location:
+    """A sweep directory (path or URI), or a sweep name under ``storage``."""
+    candidates = [parse_location(sweep)]
+    if "://" not in sweep:
+        candidates.append(parse_location(storage).child(sweep))
+    for candidate in candidates:
+        try:
+            if candidate.exists("sweep.json"):
+                return candidate
+        except OSError as err:
+            raise LocationError(f"cannot read sweep directory '{candidate}': {err}") from None
+    raise FileNotFoundError(
+        f"no sweep '{sweep}': {' nor '.join(str(c) for c in candidates)} holds a sweep.json"
+    )
 
 
 def history_of(client: MlflowClient, run_id: str, keys: list[str]) -> figures.History:
@@ -202,12 +211,16 @@ def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     return paths
 
 
-def make_report(sweep_dir: Path, fmt: str, out: Path | None) -> tuple[Path, list[dict[str, Any]]]:
-    """Write the table and figures to ``out`` (default ``<sweep dir>/report``) and log them to the parent run."""
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
+def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> tuple[Path, list[dict[str, Any]]]:
+    """Write the table and figures to ``out`` (default ``<sweep dir>/report``, or ``./report/<name>`` for a
+    sweep in an object store) and log them to the parent run."""
+    meta = json.loads(sweep_dir.read_text("sweep.json"))
     client = MlflowClient(meta["tracking_uri"])
     parent, records = collect(client, meta["sweep_id"])
-    out = (out or sweep_dir / "report").resolve()
+    if out is None:
+        local = sweep_dir.local_path
+        out = local / "report" if local is not None else Path("report") / meta["name"]
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(parent, records)
     table = out / f"results.{fmt}"

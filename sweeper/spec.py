@@ -248,7 +248,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 @dataclass(frozen=True)
 class LoadedSpec:
     spec: SweepSpec
-    path: Path
+    path: str
+    """Where the spec was read from (a file, or ``<sweep dir>/spec.yaml``): the prefix of every error."""
     resolved: dict[str, Any]
     """The spec after overrides, with every default filled in: what is frozen in the sweep directory."""
 
@@ -269,14 +270,20 @@ def load_spec(
     Raises:
         SpecError: with one line per problem, each naming the file and the field path.
     """
-    path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except FileNotFoundError:
         raise SpecError(f"{source}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"{source}: cannot read spec: {err}") from None
+    return load_spec_text(text, source, overrides, name, smoke)
+
+
+def load_spec_text(
+    text: str, source: str, overrides: list[str] = (), name: str | None = None, smoke: bool = False
+) -> LoadedSpec:
+    """``load_spec`` on text already read (a frozen spec in a sweep directory, which may be remote)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -305,7 +312,7 @@ def load_spec(
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(format_validation_error(source, err)) from None
-    loaded = LoadedSpec(spec, path, spec.model_dump(mode="json", by_alias=True))
+    loaded = LoadedSpec(spec, source, spec.model_dump(mode="json", by_alias=True))
     trials = expand(loaded)  # every grid point must be a valid trial before anything starts
     if spec.search is not None:
         check_search(loaded, trials)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from sweeper.spec import expand, load_spec
+from sweeper.location import Location
+from sweeper.spec import expand, load_spec_text
 from sweeper.tracking import SENTINEL, TAG_FAILURE, TAG_ORDER, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, ui_command
 
 
-def sweep_status(sweep_dir: Path) -> dict[str, Any]:
-    meta = json.loads((sweep_dir / "sweep.json").read_text())
-    loaded = load_spec(sweep_dir / "spec.yaml")
+def sweep_status(sweep_dir: Location) -> dict[str, Any]:
+    meta = json.loads(sweep_dir.read_text("sweep.json"))
+    loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
     spec = loaded.spec
     client = MlflowClient(meta["tracking_uri"])
     runs = client.search_runs(

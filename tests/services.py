@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -79,6 +80,29 @@ def postgres_server():
         except (ProcessLookupError, psutil.NoSuchProcess):
             pass
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def s3_server():
+    """A local S3-compatible object store (moto's standalone HTTP server) on 127.0.0.1:<free port>; yields
+    the ``host:port`` endpoint. Clients talk to it over the real S3 REST protocol."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        up = wait_for(lambda: _port_open(port), timeout=60, interval=0.2)
+        assert up, "moto_server did not start"
+        yield f"127.0.0.1:{port}"
+    finally:
+        kill_tree(proc.pid)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def kill_tree(pid: int) -> None:

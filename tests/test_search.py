@@ -90,7 +90,7 @@ def test_search_runs_exact_budget_per_cell(tmp_path, local_ray, sampler):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
     assert len(result.outcomes) == 6 and all(o.status == "FINISHED" for o in result.outcomes)
-    _check_exact_budget(f"sqlite:///{result.sweep_dir / 'optuna.db'}", uri)
+    _check_exact_budget(f"sqlite:///{result.sweep_dir.local_path / 'optuna.db'}", uri)
 
 
 def test_asha_pruning_stops_trials_early_and_keeps_the_budget(tmp_path, local_ray):
@@ -110,7 +110,7 @@ def test_asha_pruning_stops_trials_early_and_keeps_the_budget(tmp_path, local_ra
     result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
     epochs = [int(o.metrics["epoch"]) for o in result.outcomes]
     assert len(epochs) == 4 and min(epochs) < 6, epochs  # ASHA stopped at least one trial at a rung
-    (study,) = _studies(f"sqlite:///{result.sweep_dir / 'optuna.db'}").values()
+    (study,) = _studies(f"sqlite:///{result.sweep_dir.local_path / 'optuna.db'}").values()
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
 
 

@@ -205,11 +205,13 @@ def test_running_again_resumes_without_training_or_logging_twice(sweep):
 
 def test_changed_spec_under_the_same_name_is_refused(tmp_path):
     (tmp_path / "spec.yaml").write_text(SPEC)
+    from sweeper.location import parse_location
     from sweeper.orchestrate import prepare_sweep_dir
     from sweeper.spec import SpecError, load_spec
 
     loaded = load_spec(tmp_path / "spec.yaml")
-    prepare_sweep_dir(loaded, tmp_path / "sweeps" / "e2e", "sqlite:///x.db")
+    sweep_dir = parse_location(tmp_path / "sweeps" / "e2e")
+    prepare_sweep_dir(loaded, sweep_dir, "sqlite:///x.db")
     changed = load_spec(tmp_path / "spec.yaml", ["train.epochs=4"])
     with pytest.raises(SpecError, match="different spec; changed: train.epochs"):
-        prepare_sweep_dir(changed, tmp_path / "sweeps" / "e2e", "sqlite:///x.db")
+        prepare_sweep_dir(changed, sweep_dir, "sqlite:///x.db")
