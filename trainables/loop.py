@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from trainables.config import EtfAdaptive, TrialConfig
-from trainables.data import balanced_subset, dataset_info, load_splits
+from trainables.data import Splits, balanced_subset, dataset_info, load_splits
 from trainables.etf import fix_to_etf
 from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import measure, metric_key
@@ -43,11 +43,12 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrialConfig) -> None:
+    def __init__(self, cfg: TrialConfig, data: Splits | None = None) -> None:
+        """``data``: the trial's splits already on its device (a bundle shares one copy among members)."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.data = load_splits(cfg).to(self.device)
+        self.data = data if data is not None else load_splits(cfg).to(self.device)
         self.model = build_model(cfg, dataset_info(cfg)).to(self.device)
         # Layer name -> epoch it became ETF (0: from the start).
         self.etf_fixed = {name: 0 for name, layer in self.model.etf_candidates() if not _trainable(layer)}
@@ -182,45 +183,52 @@ class Trainer:
 
     def run(self, reporter: Reporter) -> dict[str, float]:
         """Train from ``self.epoch`` to the configured number of epochs; return the trial's summary."""
-        cfg = self.cfg
-        taps = self.model.tap_names
-        while self.epoch < cfg.train.epochs:
+        while self.epoch < self.cfg.train.epochs:
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             batch_loss = self.train_epoch()
-            self.scheduler.step()
-            self.epoch += 1
-            collapse = self.epoch % cfg.metrics.every == 0 or self.epoch == cfg.train.epochs
-            metrics = measure(
-                self.model,
-                self.splits,
-                self.data.num_classes,
-                batch_size=cfg.metrics.batch_size,
-                collapse=collapse,
-                loss=cfg.train.loss,
-            )
-            metrics.update(batch_loss=batch_loss, lr=lr)
-            if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
-                self.interpolation_epoch = self.epoch
-            metrics["terminal_phase"] = float(self.interpolation_epoch > 0)
-            if collapse:
-                if isinstance(cfg.etf, EtfAdaptive):
-                    self.adapt_etf(metrics)
-                ncc = [metrics.get(metric_key("ncc_acc", "train", t), 0.0) for t in taps]
-                for i, eps in enumerate(cfg.metrics.effective_depth_eps):
-                    key = "effective_depth" if i == 0 else f"effective_depth/eps_{eps:g}"
-                    metrics[key] = float(effective_depth(ncc, eps))
-            # After adapt_etf, so the epoch a layer is fixed shows the count it trains with from then on.
-            metrics.update({k: float(v) for k, v in self.params.items()})
-            metrics["etf_layers"] = float(len(self.etf_fixed))
-            metrics.update({f"etf_fixed_epoch/{k}": float(v) for k, v in self.etf_fixed.items()})
-            metrics["epoch_time_s"] = time.perf_counter() - started
-            self.last_metrics = metrics
-            if self.best_epoch == 0 or metrics["test_acc"] > self.best_metrics["test_acc"]:
-                self.best_epoch, self.best_metrics = self.epoch, metrics
-            due = self.epoch % cfg.checkpoint.every == 0 or self.epoch == cfg.train.epochs
-            reporter.report(self.epoch, metrics, self.state_dict() if due else None)
+            metrics = self.end_epoch(batch_loss, lr, started)
+            reporter.report(self.epoch, metrics, self.state_dict() if self.checkpoint_due() else None)
         return self.summary()
+
+    def checkpoint_due(self) -> bool:
+        return self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs
+
+    def end_epoch(self, batch_loss: float, lr: float, started: float) -> dict[str, float]:
+        """After an epoch's steps: advance the schedule, measure, adapt ETF layers, keep the summary."""
+        cfg = self.cfg
+        taps = self.model.tap_names
+        self.scheduler.step()
+        self.epoch += 1
+        collapse = self.epoch % cfg.metrics.every == 0 or self.epoch == cfg.train.epochs
+        metrics = measure(
+            self.model,
+            self.splits,
+            self.data.num_classes,
+            batch_size=cfg.metrics.batch_size,
+            collapse=collapse,
+            loss=cfg.train.loss,
+        )
+        metrics.update(batch_loss=batch_loss, lr=lr)
+        if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
+            self.interpolation_epoch = self.epoch
+        metrics["terminal_phase"] = float(self.interpolation_epoch > 0)
+        if collapse:
+            if isinstance(cfg.etf, EtfAdaptive):
+                self.adapt_etf(metrics)
+            ncc = [metrics.get(metric_key("ncc_acc", "train", t), 0.0) for t in taps]
+            for i, eps in enumerate(cfg.metrics.effective_depth_eps):
+                key = "effective_depth" if i == 0 else f"effective_depth/eps_{eps:g}"
+                metrics[key] = float(effective_depth(ncc, eps))
+        # After adapt_etf, so the epoch a layer is fixed shows the count it trains with from then on.
+        metrics.update({k: float(v) for k, v in self.params.items()})
+        metrics["etf_layers"] = float(len(self.etf_fixed))
+        metrics.update({f"etf_fixed_epoch/{k}": float(v) for k, v in self.etf_fixed.items()})
+        metrics["epoch_time_s"] = time.perf_counter() - started
+        self.last_metrics = metrics
+        if self.best_epoch == 0 or metrics["test_acc"] > self.best_metrics["test_acc"]:
+            self.best_epoch, self.best_metrics = self.epoch, metrics
+        return metrics
 
     def summary(self) -> dict[str, float]:
         """Last-epoch and best-test-epoch values of every metric (004 §5.3 reports both)."""

@@ -16,7 +16,11 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int, kind
 
 
 def svsl_penalty(
-    taps: list[torch.Tensor], labels: torch.Tensor, num_classes: int, alpha: float
+    taps: list[torch.Tensor],
+    labels: torch.Tensor,
+    num_classes: int,
+    alpha: float | torch.Tensor,
+    tap_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The within-class variability term of SVSL (004 Def. 10), averaged over the batch.
 
@@ -24,13 +28,19 @@ def svsl_penalty(
     ``eta_c * sum_j ||h^j(x_i) - mu^j_{c,B}||^2`` with ``eta_c = alpha / (C (k + 1 - gamma) |{i in B: y_i = c}|)``
     and ``mu^j_{c,B}`` the class mean of tap j over the batch B. The batch loss adds its mean over i to the
     task loss, so the total is the mean of ``L_i`` of Def. 10.
+
+    ``tap_weights`` (0/1 per tap) selects the taps j >= gamma from a longer list instead: a trial bundle
+    passes every tap and each member its own gamma. Class sums go through a one-hot matrix rather than
+    ``index_add_`` so that ``torch.func.vmap`` can batch the whole term over bundle members.
     """
-    counts = torch.bincount(labels, minlength=num_classes).to(taps[0].dtype)
+    onehot = F.one_hot(labels, num_classes).to(taps[0].dtype)  # B x C
+    counts = onehot.sum(0)
     per_sample = torch.zeros(len(labels), dtype=taps[0].dtype, device=labels.device)
-    for h in taps:
+    for j, h in enumerate(taps):
         h = h.flatten(1)
-        sums = torch.zeros(num_classes, h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, labels, h)
-        means = sums / counts.clamp(min=1)[:, None]
-        per_sample = per_sample + ((h - means[labels]) ** 2).sum(1)
-    eta = alpha / (num_classes * len(taps) * counts[labels])
+        means = (onehot.T @ h) / counts.clamp(min=1)[:, None]
+        term = ((h - onehot @ means) ** 2).sum(1)
+        per_sample = per_sample + (term if tap_weights is None else tap_weights[j] * term)
+    n_taps = len(taps) if tap_weights is None else tap_weights.sum()
+    eta = alpha / (num_classes * n_taps * (onehot @ counts))
     return (eta * per_sample).mean()

@@ -1,0 +1,266 @@
+"""Trial bundles: several trials of one architecture on one dataset trained together as a stacked model.
+
+Small models are launch-bound on a GPU (issue 8's measurements: 0.9-1.3 s per MNIST epoch for one MLP,
+~5 ms per model for hundreds stacked), so a bundle runs every member's step in the same kernels:
+parameters and buffers are stacked along a leading member axis (``torch.func.stack_module_state``) and the
+forward pass is ``vmap(functional_call)`` over them. Each member is still a whole :class:`Trainer`: its
+own seed (initialisation and shuffling), ETF layers, SVSL alpha/gamma, optimizer settings and schedule,
+metrics, summary and checkpoint (``Trainer.state_dict``, the same format as a trial trained alone, so a
+member's checkpoint slice resumes alone too). Only the training steps run stacked; after each epoch the
+stacked values are copied into the members' own modules, which measure exactly as a lone trial does.
+
+What must agree within a bundle (:func:`bundle_key`): everything but ``seed``, ``etf``, ``svsl``,
+``train.optimizer``, ``train.schedule`` and ``metrics``. The SGD step below is torch's SGD (momentum,
+dampening 0, weight decay) written on stacked tensors with per-member learning rate, momentum and weight
+decay; an ETF weight (000 §2.2) is a member whose slice of that weight never changes and keeps no
+momentum, exactly as a buffer with no optimizer state.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch.func import functional_call, vmap
+
+from trainables.config import TrialConfig
+from trainables.data import load_splits
+from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
+from trainables.losses import svsl_penalty, task_loss
+
+BUNDLE_ARCHITECTURES = ("mlp", "convnet")
+"""Models whose forward pass is known to vmap (BatchNorm with stacked running statistics, no dropout)."""
+
+VARYING = ("seed", "etf", "svsl", "train.optimizer", "train.schedule", "metrics")
+"""Fields bundle members may differ in."""
+
+
+class BundleError(ValueError):
+    """Configs that cannot train as one bundle (the message names the field that differs)."""
+
+
+def bundle_key(cfg: TrialConfig) -> str:
+    """Trials with equal keys can share a bundle: the config without the fields members may vary in."""
+    data = cfg.model_dump(mode="json")
+    for path in VARYING:
+        *parents, leaf = path.split(".")
+        node = data
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return repr(sorted(_flatten(data).items()))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_bundle(cfgs: list[TrialConfig]) -> None:
+    if not cfgs:
+        raise BundleError("a bundle needs at least one trial")
+    arch = cfgs[0].architecture
+    if arch not in BUNDLE_ARCHITECTURES:
+        raise BundleError(
+            f"architecture: '{arch}' cannot be bundled; allowed: {', '.join(BUNDLE_ARCHITECTURES)}"
+        )
+    first = _flatten(cfgs[0].model_dump(mode="json"))
+    key = bundle_key(cfgs[0])
+    for cfg in cfgs[1:]:
+        if bundle_key(cfg) != key:
+            other = _flatten(cfg.model_dump(mode="json"))
+            differ = sorted(
+                k
+                for k in set(first) | set(other)
+                if first.get(k) != other.get(k) and not k.startswith(tuple(f"{v}" for v in VARYING))
+            )
+            raise BundleError(
+                f"bundle members differ in {', '.join(differ)}; they may differ only in {VARYING}"
+            )
+    every = {c.checkpoint.every for c in cfgs}
+    if len(every) > 1:
+        raise BundleError(f"checkpoint.every: bundle members checkpoint together; got {sorted(every)}")
+
+
+class Bundle:
+    """Train ``cfgs`` together; ``states`` (one ``Trainer.state_dict`` or None per member) resumes them."""
+
+    def __init__(self, cfgs: list[TrialConfig], states: list[dict[str, Any] | None] | None = None) -> None:
+        check_bundle(cfgs)
+        self.cfgs = cfgs
+        self.device = resolve_device(cfgs[0].device)
+        data = load_splits(cfgs[0]).to(self.device)  # one copy: members share the data
+        self.members = [Trainer(cfg, data=data) for cfg in cfgs]
+        for member, state in zip(self.members, states or [None] * len(cfgs)):
+            if state is not None:
+                member.load_state_dict(state)
+        epochs = {m.epoch for m in self.members}
+        if len(epochs) > 1:
+            raise BundleError(f"bundle members must resume from the same epoch, got {sorted(epochs)}")
+        self.data = data
+        self.failed: dict[int, Exception] = {}
+        self._stack()
+
+    # ---- stacking -----------------------------------------------------------------------------------
+    def _stack(self) -> None:
+        """Stacked copies of every member's tensors, trainability masks and momentum buffers."""
+        models = [m.model for m in self.members]
+        self.template = _TapsForward(copy.deepcopy(models[0]).to("meta"))
+        named = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in models]
+        trainable = [{n for n, p in m.named_parameters() if p.requires_grad} for m in models]
+        self.names = list(named[0])
+        dev = self.device
+        # Per-name mask of the members that train it: False where it is ETF for that member.
+        self.mask = {n: torch.tensor([n in t for t in trainable], device=dev) for n in self.names}
+        self.stacked: dict[str, torch.Tensor] = {}
+        for n in self.names:
+            value = torch.stack([t[n].detach() for t in named]).clone()
+            if bool(self.mask[n].any()):
+                value.requires_grad_(True)
+            self.stacked[n] = value
+        self.momentum: dict[str, torch.Tensor | None] = {n: None for n in self.names if self.mask[n].any()}
+        for i, member in enumerate(self.members):
+            for p_name, param in member.model.named_parameters():
+                buf = member.optimizer.state.get(param, {}).get("momentum_buffer")
+                if buf is not None:
+                    if self.momentum[p_name] is None:
+                        self.momentum[p_name] = torch.zeros_like(self.stacked[p_name]).detach()
+                    self.momentum[p_name][i] = buf
+        self.alive = torch.ones(len(models), dtype=torch.bool, device=dev)
+        opts = [c.train.optimizer for c in self.cfgs]
+        self.weight_decay = torch.tensor([o.weight_decay for o in opts], device=dev)
+        self.momentum_coef = torch.tensor([o.momentum for o in opts], device=dev)
+        taps = models[0].tap_names
+        self.tap_weights = torch.tensor(
+            [[float(j >= c.svsl.gamma - 1) for j in range(len(taps))] for c in self.cfgs], device=dev
+        )
+        self.alpha = torch.tensor([c.svsl.alpha for c in self.cfgs], device=dev)
+
+    def _unstack(self) -> None:
+        """Copy the stacked values into each member's own module (and momentum into its optimizer)."""
+        with torch.no_grad():
+            for i, member in enumerate(self.members):
+                tensors = dict(member.model.named_parameters()) | dict(member.model.named_buffers())
+                for n, t in tensors.items():
+                    t.copy_(self.stacked[n][i])
+                for n, param in member.model.named_parameters():
+                    buf = self.momentum.get(n)
+                    if buf is not None and param.requires_grad:
+                        member.optimizer.state[param]["momentum_buffer"] = buf[i].clone()
+
+    def _sync_etf(self, i: int, known: set[str]) -> None:
+        """Adaptive-ETF fixed layers of member ``i`` during its epoch end: freeze its slices (000 §4.1)."""
+        member = self.members[i]
+        now = {n for n, p in member.model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for n in known - now:
+                self.stacked[n][i] = dict(member.model.named_buffers())[n]
+                self.mask[n][i] = False
+                if self.momentum.get(n) is not None:
+                    self.momentum[n][i] = 0
+
+    # ---- training -----------------------------------------------------------------------------------
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-member mini-batch losses (task loss + SVSL, 004 Def. 10); x: M x B x ..., y: M x B."""
+        cfg = self.cfgs[0]
+        num_classes = self.data.num_classes
+        any_svsl = bool((self.alpha > 0).any())
+
+        def one(params: dict[str, torch.Tensor], xb, yb, alpha, weights):
+            logits, taps = functional_call(self.template, {f"model.{n}": t for n, t in params.items()}, (xb,))
+            loss = task_loss(logits, yb, num_classes, cfg.train.loss)
+            if any_svsl:  # members with alpha 0 add exactly 0, as a lone trial that skips the term
+                loss = loss + svsl_penalty(list(taps.values()), yb, num_classes, alpha, weights)
+            return loss
+
+        return vmap(one)(self.stacked, x, y, self.alpha, self.tap_weights)
+
+    def _sgd_step(self, lrs: torch.Tensor, first: bool) -> None:
+        """torch.optim.SGD (dampening 0, no Nesterov) on stacked tensors, per-member hyper-parameters."""
+        with torch.no_grad():
+            for n, buf in self.momentum.items():
+                p = self.stacked[n]
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                grad = p.grad + self.weight_decay.view(shape) * p
+                if buf is None or first:
+                    buf = grad.clone()
+                else:
+                    buf.mul_(self.momentum_coef.view(shape)).add_(grad)
+                keep = (self.mask[n] & self.alive).view(shape)
+                self.momentum[n] = torch.where(keep, buf, torch.zeros_like(buf))
+                p.copy_(torch.where(keep, p - lrs.view(shape) * buf, p))
+                p.grad = None
+
+    def train_epoch(self) -> torch.Tensor:
+        """One epoch for every member (each its own shuffle); returns the per-member mean batch loss."""
+        for m in self.members:
+            m.model.train()
+        self.template.train()
+        x, y = self.data.x_train, self.data.y_train
+        batch = self.cfgs[0].train.batch_size
+        lrs = torch.tensor([m.optimizer.param_groups[0]["lr"] for m in self.members], device=self.device)
+        perms = torch.stack(
+            [torch.randperm(len(x), device=self.device, generator=m.shuffle) for m in self.members]
+        )
+        loss_sum = torch.zeros(len(self.members), device=self.device)
+        steps = 0
+        first = all(v is None for v in self.momentum.values())
+        for lo in range(0, len(x), batch):
+            idx = perms[:, lo : lo + batch]
+            if idx.shape[1] < 2 and steps:  # as Trainer.train_epoch: BatchNorm needs two samples
+                continue
+            losses = self._losses(x[idx], y[idx])
+            losses.sum().backward()  # members are independent: each slice gets its own gradient
+            self._sgd_step(lrs, first and steps == 0)
+            loss_sum += losses.detach()
+            steps += 1
+        return loss_sum / steps
+
+    def run(self, reporters: list[Reporter]) -> list[dict[str, float] | Exception]:
+        """Train every member to its last epoch; per member, its summary or the exception that ended it."""
+        epochs = self.cfgs[0].train.epochs
+        while self.members[0].epoch < epochs and len(self.failed) < len(self.members):
+            started = time.perf_counter()
+            lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
+            known = [{n for n, p in m.model.named_parameters() if p.requires_grad} for m in self.members]
+            losses = self.train_epoch().tolist()  # the epoch's single host sync
+            self._unstack()
+            for i, (member, reporter) in enumerate(zip(self.members, reporters)):
+                if i in self.failed:
+                    member.epoch += 1
+                    continue
+                if not torch.isfinite(torch.tensor(losses[i])):
+                    self.failed[i] = TrialDiverged(
+                        f"training loss is {losses[i]} at epoch {member.epoch + 1}"
+                    )
+                    self.alive[i] = False  # its slices stop changing; the other members go on
+                    member.epoch += 1
+                    continue
+                with warnings.catch_warnings():
+                    # The member's own optimizer only carries its schedule; the steps happened stacked.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    metrics = member.end_epoch(losses[i], lrs[i], started)
+                self._sync_etf(i, known[i])
+                reporter.report(
+                    member.epoch, metrics, member.state_dict() if member.checkpoint_due() else None
+                )
+        return [self.failed.get(i) or m.summary() for i, m in enumerate(self.members)]
+
+
+class _TapsForward(torch.nn.Module):
+    """``forward`` is the model's ``forward_taps``: ``functional_call`` only ever calls ``forward``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_taps(x)
