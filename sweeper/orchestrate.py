@@ -7,8 +7,10 @@ spec again with the same storage resumes it; a different spec under the same nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -20,6 +22,7 @@ import yaml
 
 from sweeper.location import Location, LocationError, credential_env, parse_location
 from sweeper.spec import LoadedSpec, PlannedTrial, SpecError, expand
+from trainables.config import TrialConfig
 from trainables.data import data_root
 
 TUNE_DIR = "tune"
@@ -212,6 +215,8 @@ def run_sweep(
     if started_ray:
         _init_ray(address, env_vars, verbose)
     try:
+        if spec.bundle != 1:
+            points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment = sweep_dir.child(TUNE_DIR)
         searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
@@ -264,8 +269,21 @@ def run_sweep(
     for result in grid:
         point = result.config["point"]
         error = f"{type(result.error).__name__}: {result.error}" if result.error else None
-        status = "FAILED" if error else "FINISHED"
-        outcomes.append(TrialOutcome(point["name"], point["key"], status, dict(result.metrics or {}), error))
+        metrics = dict(result.metrics or {})
+        if "bundle" not in point:
+            status = "FAILED" if error else "FINISHED"
+            outcomes.append(TrialOutcome(point["name"], point["key"], status, metrics, error))
+            continue
+        from sweeper.trial import member_prefix
+
+        for i, member in enumerate(point["bundle"]):
+            prefix = member_prefix(i)
+            own = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+            member_error = own.pop("error", None) or error
+            if member_error is None and "epoch" not in own:
+                member_error = "no result reported"
+            status = "FAILED" if member_error else "FINISHED"
+            outcomes.append(TrialOutcome(member["name"], member["key"], status, own, member_error))
     outcomes.sort(key=lambda o: o.name)
     summary = _parent_summary(loaded, outcomes)
     tags = {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))}
@@ -283,6 +301,52 @@ def run_sweep(
 
 def _explicit_optuna_storage(loaded: LoadedSpec) -> bool:
     return bool(loaded.spec.search.optuna.storage or os.environ.get("SWEEPER_OPTUNA_STORAGE"))
+
+
+def _trial_slots(loaded: LoadedSpec) -> int:
+    """How many trials the cluster runs at once: its CPUs (or GPUs) over one trial's share."""
+    import ray
+
+    spec = loaded.spec
+    total = ray.cluster_resources()
+    slots = (
+        total.get("GPU", 0) / spec.resources.gpu
+        if spec.resources.gpu
+        else total.get("CPU", 1) / spec.resources.cpu
+    )
+    slots = max(1, int(slots))
+    return min(slots, spec.max_concurrent) if spec.max_concurrent else slots
+
+
+def bundle_points(
+    points: list[dict[str, Any]], configs: list[TrialConfig], size: int | str, slots: int
+) -> list[dict[str, Any]]:
+    """Group grid points into trial bundles (trainables.bundle): points with the same bundle key, in grid
+    order, ``size`` at a time; ``auto`` splits each group evenly over ``slots`` concurrent trials. Points
+    of an architecture that cannot be bundled stay alone."""
+    from trainables.bundle import BUNDLE_ARCHITECTURES, bundle_key
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for point, cfg in zip(points, configs):
+        key = bundle_key(cfg) if cfg.architecture in BUNDLE_ARCHITECTURES else point["key"]
+        groups.setdefault(f"{key}|{point['data_root']}", []).append(point)
+    out = []
+    for members in groups.values():
+        n = size if size != "auto" else math.ceil(len(members) / slots)
+        for lo in range(0, len(members), n):
+            chunk = members[lo : lo + n]
+            out.append(chunk[0] if len(chunk) == 1 else bundle_point(chunk))
+    return sorted(out, key=lambda p: p["order"])
+
+
+def bundle_point(members: list[dict[str, Any]]) -> dict[str, Any]:
+    digest = hashlib.sha256("|".join(m["key"] for m in members).encode()).hexdigest()[:12]
+    return {
+        "bundle": members,
+        "key": f"bundle-{digest}",
+        "name": f"bundle of {len(members)}: {members[0]['name']} .. {members[-1]['name']}",
+        "order": members[0]["order"],
+    }
 
 
 def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:

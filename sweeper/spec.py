@@ -128,11 +128,30 @@ class SweepSpec(TrialConfig):
     resources: Resources = Resources()
     max_failures: Annotated[int, Field(ge=0, le=100)] = 2
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    bundle: int | Literal["auto"] = 1
+    """Trials per trial bundle (trainables.bundle): grid points that differ only in seed, ETF, SVSL,
+    optimizer, schedule or metrics settings train as one stacked model in one Tune trial, each with its
+    own MLflow run and checkpoint. ``auto``: split each group evenly over the concurrent trial slots."""
 
     search: SearchSpec | None = None
     """Optional Bayesian search: one Optuna study per grid cell (sweeper.search)."""
     smoke: dict[str, Any] = {}
     """Overrides applied by ``--smoke`` (dotted paths, like ``--set``): an offline dataset, few epochs."""
+
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _bundle_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096):
+            return value
+        raise ValueError("must be a number of trials from 1 to 4096, or 'auto'")
+
+    @model_validator(mode="after")
+    def _bundles_are_for_grids(self) -> SweepSpec:
+        if self.search is not None and self.bundle != 1:
+            raise ValueError(
+                "bundle: a searched sweep trains each Optuna trial alone; use bundle: 1 with search"
+            )
+        return self
 
     @field_validator("grid")
     @classmethod

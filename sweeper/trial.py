@@ -45,14 +45,14 @@ class TuneReporter:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_trial(params: dict[str, Any]) -> None:
-    """Tune entry point. ``params["point"]``: ``trial`` (a TrialConfig dict), ``key``, ``name``, ``cell``;
-    ``params["sweep"]``: tracking URI, experiment and parent run ids, sweep id, spec hash."""
-    point, sweep = params["point"], params["sweep"]
+def _config(point: dict[str, Any]) -> TrialConfig:
     cfg = TrialConfig.model_validate(point["trial"])
     if cfg.data.root is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": point["data_root"]})})
-    taps = tap_names(cfg)
+    return cfg
+
+
+def _tracker(point: dict[str, Any], sweep: dict[str, Any], taps: list[str]) -> TrialTracker:
     tracker = TrialTracker(
         tracking_uri=sweep["tracking_uri"],
         experiment_id=sweep["experiment_id"],
@@ -71,6 +71,26 @@ def run_trial(params: dict[str, Any]) -> None:
     )
     # Where the trial runs now (a retried trial may move to another node).
     with_retry(tracker.client.set_tag, tracker.run_id, TAG_NODE, ray.get_runtime_context().get_node_id())
+    return tracker
+
+
+def _mark_restored(tracker: TrialTracker, state: dict[str, Any]) -> None:
+    # Evidence that a retried or resumed trial continued from its checkpoint, not from scratch.
+    restored = int(state["epoch"])
+    with_retry(tracker.client.log_metric, tracker.run_id, "restored_from_epoch", restored, step=restored)
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune entry point. ``params["point"]``: ``trial`` (a TrialConfig dict), ``key``, ``name``, ``cell``,
+    or ``bundle`` (a list of such points, see :func:`run_bundle`); ``params["sweep"]``: tracking URI,
+    experiment and parent run ids, sweep id, spec hash."""
+    point, sweep = params["point"], params["sweep"]
+    if "bundle" in point:
+        run_bundle(point["bundle"], sweep)
+        return
+    cfg = _config(point)
+    taps = tap_names(cfg)
+    tracker = _tracker(point, sweep, taps)
     if tracker.finished:
         # Replayed after the trial had already ended (PITFALLS.md 1): report its final result, train nothing.
         final = tracker.latest_metrics()
@@ -82,9 +102,7 @@ def run_trial(params: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = load_state(Path(directory) / STATE_FILE)
     if state is not None:
-        # Evidence that a retried or resumed trial continued from its checkpoint, not from scratch.
-        restored = int(state["epoch"])
-        with_retry(tracker.client.log_metric, tracker.run_id, "restored_from_epoch", restored, step=restored)
+        _mark_restored(tracker, state)
     try:
         summary = train(cfg, TuneReporter(tracker), state)
     except Exception as err:
@@ -92,6 +110,109 @@ def run_trial(params: dict[str, Any]) -> None:
         raise
     log_trial_figures(tracker, taps, point["name"])
     tracker.finish(summary)
+
+
+def member_prefix(index: int) -> str:
+    """Tune result keys of bundle member ``index``: ``m3:test_acc`` (the driver splits them per trial)."""
+    return f"m{index}:"
+
+
+class BundleReporter:
+    """Each member logs its own epochs to its own MLflow run; once every member has reported an epoch,
+    the bundle reports to Tune once, with every member's checkpoint slice (``<trial key>.pt``) together."""
+
+    def __init__(self, members: list[dict[str, Any]], trackers: list[TrialTracker]) -> None:
+        self.members = members
+        self.trackers = trackers
+        self.latest: dict[int, dict[str, float]] = {}
+        self.states: dict[int, dict[str, Any]] = {}
+        self.failed: dict[int, str] = {}
+
+    def member(self, index: int) -> Any:
+        outer = self
+
+        class _Member:
+            def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+                outer.trackers[index].log_epoch(epoch, metrics)
+                outer.latest[index] = {"epoch": epoch, **tune_metrics(metrics)}
+                if state is not None:
+                    outer.states[index] = state
+
+        return _Member()
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": max((m["epoch"] for m in self.latest.values()), default=0)}
+        for i, metrics in self.latest.items():
+            out.update({member_prefix(i) + k: v for k, v in metrics.items()})
+        for i, reason in self.failed.items():
+            out[member_prefix(i) + "error"] = reason
+        return out
+
+    def epoch_done(self, epoch: int) -> None:
+        if not self.states:
+            tune.report(self.result())
+            return
+        with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
+            for i, state in self.states.items():
+                save_state(state, Path(tmp) / f"{self.members[i]['key']}.pt")
+            tune.report(self.result(), checkpoint=tune.Checkpoint.from_directory(tmp))
+        self.states = {}
+
+
+def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
+    """Train a trial bundle (trainables.bundle): one Tune trial, one MLflow child run per member.
+
+    Members whose run already FINISHED are not trained again; the others continue from their slices of
+    the bundle's checkpoint. A member missing from a checkpoint that holds the others had failed before
+    it (it diverged): it stays failed rather than restart alone at epoch 0."""
+    from trainables.bundle import Bundle
+
+    cfgs = [_config(m) for m in members]
+    taps = tap_names(cfgs[0])
+    trackers = [_tracker(m, sweep, taps) for m in members]
+    reporter = BundleReporter(members, trackers)
+    states: dict[int, dict[str, Any]] = {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            for i, m in enumerate(members):
+                path = Path(directory) / f"{m['key']}.pt"
+                if path.exists():
+                    states[i] = load_state(path)
+    active = []
+    for i, tracker in enumerate(trackers):
+        if tracker.finished:
+            reporter.latest[i] = {"epoch": tracker.last_epoch, **tune_metrics(tracker.latest_metrics())}
+        elif states and i not in states:
+            reason = "failed earlier in its bundle (not in the bundle's checkpoint); see its earlier epochs"
+            tracker.fail(reason)
+            reporter.failed[i] = reason
+        else:
+            active.append(i)
+    if not active:
+        tune.report(reporter.result())
+        return
+    for i in active:
+        if i in states:
+            _mark_restored(trackers[i], states[i])
+    try:
+        bundle = Bundle([cfgs[i] for i in active], [states.get(i) for i in active])
+        results = bundle.run([reporter.member(i) for i in active], epoch_done=reporter.epoch_done)
+    except Exception as err:  # the whole bundle: Tune retries it from its checkpoint
+        for i in active:
+            trackers[i].fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
+        raise
+    for i, outcome in zip(active, results):
+        if isinstance(outcome, Exception):
+            reason = f"{type(outcome).__name__}: {outcome}"
+            trackers[i].fail(reason)
+            reporter.failed[i] = reason
+        else:
+            log_trial_figures(trackers[i], taps, members[i]["name"])
+            trackers[i].finish(outcome)
+    if len(reporter.failed) == len(members):
+        raise RuntimeError("every member of the bundle failed: " + "; ".join(reporter.failed.values()))
+    tune.report(reporter.result())  # the final word, with failures of the last epoch
 
 
 def tap_names(cfg: TrialConfig) -> list[str]:

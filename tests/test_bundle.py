@@ -75,7 +75,12 @@ def test_bundled_members_match_trials_trained_alone():
 def test_a_members_checkpoint_slice_resumes_alone_and_in_a_bundle():
     cfgs = [_cfg(v) for v in VARIANTS[:3]]
     recorders = [Recorder() for _ in cfgs]
-    Bundle(cfgs).run(recorders)
+    done = []
+    Bundle(cfgs).run(
+        recorders, epoch_done=lambda epoch: done.append((epoch, [len(r.rows) for r in recorders]))
+    )
+    # The bundle-level hook (a sweep's Tune report) runs once per epoch, after every member reported.
+    assert done == [(e, [e] * 3) for e in (1, 2, 3, 4)]
     mid = [r.states[1] for r in recorders]  # checkpoint.every: 2 -> epoch 2
     assert all(s is not None and s["epoch"] == 2 for s in mid)
     # A member's slice is a lone trial's checkpoint: it continues alone...

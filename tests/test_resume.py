@@ -27,6 +27,7 @@ grid:
   seed: {seeds}
 resources: {{cpu: 1}}
 max_failures: 3
+bundle: {bundle}
 """
 
 
@@ -67,7 +68,7 @@ def _check_exactly_once(client, planned, epochs):
 
 def test_driver_sigkill_at_several_points_then_resume(tmp_path):
     epochs = 50
-    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]"))
+    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]", bundle=1))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
 
@@ -96,8 +97,9 @@ def test_driver_sigkill_at_several_points_then_resume(tmp_path):
 
 
 def test_worker_killed_mid_trial_continues_from_checkpoint(tmp_path):
-    epochs, every = 70, 15
-    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=every, seeds="[0]"))
+    """The trial is a bundle of two seeds: both members continue from their slices of its checkpoint."""
+    epochs, every = 45, 15
+    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=every, seeds="[0, 1]", bundle=2))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     driver = _driver(tmp_path, uri)
@@ -119,6 +121,6 @@ def test_worker_killed_mid_trial_continues_from_checkpoint(tmp_path):
     finally:
         kill_tree(driver.pid)
     assert driver.returncode == 0, out[-4000:]
-    (child,) = _check_exactly_once(client, ["seed=0"], epochs)
-    restored = [m.value for m in client.get_metric_history(child.info.run_id, "restored_from_epoch")]
-    assert restored and all(r > 0 and r % every == 0 for r in restored), restored
+    for child in _check_exactly_once(client, ["seed=0", "seed=1"], epochs):
+        restored = [m.value for m in client.get_metric_history(child.info.run_id, "restored_from_epoch")]
+        assert restored and all(r > 0 and r % every == 0 for r in restored), restored

@@ -105,6 +105,12 @@ def test_overrides_and_name(tmp_path):
             "name: t\ntrain: {schedule: {milestones: [5, 3]}}\n",
             r"spec.yaml: train.schedule: .*strictly increasing",
         ),
+        ("name: t\nbundle: 0\n", r"spec.yaml: bundle: .*from 1 to 4096, or 'auto' \(got 0\)"),
+        ("name: t\nbundle: some\n", r"spec.yaml: bundle: .*from 1 to 4096, or 'auto' \(got 'some'\)"),
+        (
+            "name: t\nbundle: 4\nsearch: {space: {svsl.alpha: {uniform: [0, 1]}}}\n",
+            r"spec.yaml: .*bundle: a searched sweep trains each Optuna trial alone",
+        ),
         ("", r"spec.yaml: the spec is empty"),
         ("- a\n- b\n", r"spec.yaml: the spec must be a mapping"),
         ("name: [unclosed\n", r"spec.yaml: not valid YAML"),

@@ -1,6 +1,11 @@
 """End to end with a real local Ray and a real MLflow SQLite store: the CLI runs a grid, MLflow holds one
 parent and one FINISHED child per grid point with every per-layer key at every epoch; running the same
-spec again resumes it without training or logging anything twice."""
+spec again resumes it without training or logging anything twice.
+
+The sweep exercises the optional paths together, so one Ray run covers them: the grid's two seeds of each
+width train as one trial bundle (``bundle: 2``), and the sweep directory is an ``s3://`` URI on a local
+S3-compatible server (``moto_server`` over HTTP): the frozen spec, ``sweep.json``, Tune's experiment and
+every checkpoint live in the bucket, and ``status``/``report``/``resume`` read them from there."""
 
 from __future__ import annotations
 
@@ -9,9 +14,13 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from tests.services import s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +37,7 @@ grid:
   seed: [0, 1]
   model.mlp.width: [8, 12]
 resources: {cpu: 1}
+bundle: 2
 """
 METRICS = [
     "nc1",
@@ -43,24 +53,23 @@ METRICS = [
 ]
 
 
-def _run(tmp_path, uri):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _cli(tmp_path, uri, *args, timeout=600):
+    env = {**os.environ, **CREDENTIALS, "MLFLOW_TRACKING_URI": uri}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sweeper",
-            "run",
-            str(tmp_path / "spec.yaml"),
-            "--storage",
-            str(tmp_path / "sweeps"),
-        ],
+        [sys.executable, "-m", "sweeper", *args],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env=env,
-        timeout=600,
+        timeout=timeout,
     )
 
 
@@ -95,17 +104,40 @@ def sweep(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     (tmp_path / "spec.yaml").write_text(SPEC)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = _run(tmp_path, uri)
-    assert first.returncode == 0, first.stdout + first.stderr
-    return tmp_path, uri, first
+    with s3_server() as endpoint:
+        query = f"endpoint_override={endpoint}&scheme=http"
+        storage = f"s3://sweeps/team?{query}"
+        first = _cli(tmp_path, uri, "run", "spec.yaml", "--storage", f"{storage}&allow_bucket_creation=true")
+        assert first.returncode == 0, first.stdout + first.stderr
+        yield Sweep(tmp_path, uri, first, storage, endpoint)
+
+
+@dataclass
+class Sweep:
+    tmp_path: Path
+    uri: str
+    first: subprocess.CompletedProcess
+    storage: str
+    endpoint: str
+
+    def cli(self, *args):
+        return _cli(self.tmp_path, self.uri, *args)
+
+    def files(self) -> set[str]:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=self.endpoint, scheme="http", access_key="test", secret_key="test"
+        )
+        selector = pafs.FileSelector("sweeps/team/e2e", recursive=True)
+        return {i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
 
 
 def test_cli_sweep_logs_every_layer_every_epoch(sweep):
-    _, uri, first = sweep
-    assert "4 finished, 0 failed" in first.stdout
-    assert f"mlflow ui --backend-store-uri {uri}" in first.stdout
-    assert "Traceback" not in first.stderr
-    client, parent, children = _check_store(uri)
+    assert "4 finished, 0 failed" in sweep.first.stdout
+    assert f"mlflow ui --backend-store-uri {sweep.uri}" in sweep.first.stdout
+    assert "Traceback" not in sweep.first.stderr
+    client, parent, children = _check_store(sweep.uri)
     assert parent.data.metrics["trials_finished"] == 4
     for child in children:
         # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
@@ -113,35 +145,40 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
         assert listed == {"figures/ncc_acc_by_epoch.png", "figures/nc1_heatmap.png"}
 
 
+def test_sweep_directory_lives_in_the_bucket_with_one_bundle_per_width(sweep):
+    files = sweep.files()
+    assert {"sweeps/team/e2e/sweep.json", "sweeps/team/e2e/spec.yaml"} <= files
+    assert any(p.startswith("sweeps/team/e2e/tune/experiment_state") for p in files), files
+    assert not (sweep.tmp_path / "sweeps").exists()
+    # Two Tune trials, one bundle per width; each checkpoint holds one slice per member trial.
+    _, _, children = _check_store(sweep.uri)
+    keys = {c.data.tags["sweeper.trial_key"] for c in children}
+    slices: dict[str, set[str]] = {}
+    for path in files:
+        parts = path.split("/")
+        if parts[-2].startswith("checkpoint_") and parts[-1].endswith(".pt"):
+            slices.setdefault(parts[4], set()).add(parts[-1][: -len(".pt")])
+    assert len(slices) == 2 and all(d.startswith("trial_bundle-") for d in slices), sorted(files)
+    assert all(len(members) == 2 for members in slices.values())
+    assert set().union(*slices.values()) == keys
+
+
 def test_report_table_equals_mlflow_and_figures_are_images(sweep):
     import json
 
     import matplotlib.image
 
-    tmp_path, uri, _ = sweep
-    for fmt in ("md", "csv", "json"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sweeper",
-                "report",
-                "e2e",
-                "--storage",
-                str(tmp_path / "sweeps"),
-                "--format",
-                fmt,
-                "--out",
-                str(tmp_path / "report"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            timeout=300,
-        )
+    tmp_path, uri = sweep.tmp_path, sweep.uri
+    # Without --out, a sweep in a bucket reports to ./report/NAME.
+    proc = sweep.cli("report", "e2e", "--storage", sweep.storage)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report" / "e2e" / "results.md").stat().st_size > 0
+    out = tmp_path / "out"
+    for fmt in ("csv", "json"):
+        proc = sweep.cli("report", "e2e", "--storage", sweep.storage, "--format", fmt, "--out", str(out))
         assert proc.returncode == 0, proc.stderr
-        assert (tmp_path / "report" / f"results.{fmt}").stat().st_size > 0
-    rows = json.loads((tmp_path / "report" / "results.json").read_text())
+        assert (out / f"results.{fmt}").stat().st_size > 0
+    rows = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in rows] == ["model.mlp.width=8", "model.mlp.width=12"]
     client, parent, children = _check_store(uri)
     for row in rows:
@@ -157,7 +194,7 @@ def test_report_table_equals_mlflow_and_figures_are_images(sweep):
         assert row["test_acc_at_end"] == pytest.approx(sum(t[-1] for t in test) / 2)
         assert row["best_test_acc"] == pytest.approx(sum(max(t) for t in test) / 2)
         assert row["trainable_params"] == members[0].data.metrics["final/trainable_params"]
-    pngs = sorted((tmp_path / "report").rglob("*.png"))
+    pngs = sorted(out.rglob("*.png"))
     assert {p.name for p in pngs} >= {
         "ncc_acc_by_epoch.png",
         "ncc_mismatch_by_layer.png",
@@ -172,35 +209,41 @@ def test_report_table_equals_mlflow_and_figures_are_images(sweep):
 
 
 def test_running_again_resumes_without_training_or_logging_twice(sweep):
-    tmp_path, uri, _ = sweep
-    _, parent, children = _check_store(uri)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    status = subprocess.run(
-        [sys.executable, "-m", "sweeper", "status", "e2e", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=120,
-    )
+    _, parent, children = _check_store(sweep.uri)
+    sweep_uri = f"s3://sweeps/team/e2e?endpoint_override={sweep.endpoint}&scheme=http"
+    status = sweep.cli("status", sweep_uri, "--json")
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
     assert state["counts"]["FINISHED"] == 4 and state["planned"] == 4
     assert all(t["epoch"] == 3 for t in state["trials"])
-    # `resume` takes the frozen spec from the sweep directory; the finished sweep trains nothing again.
-    second = subprocess.run(
-        [sys.executable, "-m", "sweeper", "resume", "e2e"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    # `resume` takes the frozen spec from the sweep directory in the bucket and restores Tune's experiment
+    # from there; the finished sweep trains nothing again.
+    second = sweep.cli("resume", sweep_uri)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "4 finished, 0 failed" in second.stdout
-    _, parent2, children2 = _check_store(uri)
+    _, parent2, children2 = _check_store(sweep.uri)
     assert parent2.info.run_id == parent.info.run_id
     assert {c.info.run_id for c in children2} == {c.info.run_id for c in children}
+    missing = sweep.cli("status", f"s3://sweeps/team/nothing?endpoint_override={sweep.endpoint}&scheme=http")
+    assert missing.returncode == 2 and "no sweep" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_search_in_an_object_store_needs_a_database_for_optuna(tmp_path):
+    """Optuna's default SQLite file cannot live in a bucket: refused before anything is written."""
+    from sweeper.orchestrate import run_sweep
+    from sweeper.spec import SpecError, load_spec
+
+    spec = SPEC.replace("bundle: 2", "").replace(
+        "grid:", "search: {space: {train.optimizer.lr: {loguniform: [0.01, 0.1]}}}\ngrid:"
+    )
+    (tmp_path / "spec.yaml").write_text(spec)
+    with pytest.raises(SpecError, match="search.optuna.storage: the sweep directory .* object store"):
+        run_sweep(
+            load_spec(tmp_path / "spec.yaml"),
+            storage="s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http",
+            address=None,
+            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        )
 
 
 def test_changed_spec_under_the_same_name_is_refused(tmp_path):

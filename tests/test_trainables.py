@@ -110,6 +110,26 @@ def test_checkpoint_restore_continue_equals_uninterrupted(tmp_path):
         assert a == b
 
 
+def test_metric_pass_is_the_same_with_kept_or_recomputed_taps(monkeypatch):
+    """Pass 2 reuses pass 1's taps when they fit CACHE_BYTES, else runs the model again: same numbers."""
+    from trainables import measure as measure_module
+
+    trainer = Trainer(TrialConfig.model_validate(SMALL))
+    trainer.train_epoch()
+
+    def run():
+        return measure_module.measure(
+            trainer.model, trainer.splits, trainer.data.num_classes, batch_size=7, collapse=True
+        )
+
+    kept = run()
+    monkeypatch.setattr(measure_module, "CACHE_BYTES", 0)
+    recomputed = run()
+    assert kept.keys() == recomputed.keys() and any(k.startswith("nc3_alignment/") for k in kept)
+    for key, value in kept.items():
+        assert recomputed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
 def test_divergence_is_a_clear_error():
     cfg = TrialConfig.model_validate(
         {

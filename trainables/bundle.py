@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -224,8 +225,13 @@ class Bundle:
             steps += 1
         return loss_sum / steps
 
-    def run(self, reporters: list[Reporter]) -> list[dict[str, float] | Exception]:
-        """Train every member to its last epoch; per member, its summary or the exception that ended it."""
+    def run(
+        self, reporters: list[Reporter], epoch_done: Callable[[int], None] | None = None
+    ) -> list[dict[str, float] | Exception]:
+        """Train every member to its last epoch; per member, its summary or the exception that ended it.
+
+        ``epoch_done(epoch)`` runs after every live member has reported the epoch (a sweep reports the
+        bundle to Tune there, with every member's checkpoint slice together)."""
         epochs = self.cfgs[0].train.epochs
         while self.members[0].epoch < epochs and len(self.failed) < len(self.members):
             started = time.perf_counter()
@@ -252,6 +258,8 @@ class Bundle:
                 reporter.report(
                     member.epoch, metrics, member.state_dict() if member.checkpoint_due() else None
                 )
+            if epoch_done is not None and len(self.failed) < len(self.members):
+                epoch_done(self.members[0].epoch)
         return [self.failed.get(i) or m.summary() for i, m in enumerate(self.members)]
 
 

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from trainables.losses import task_loss
-from trainables.metrics import DegenerateFeaturesError, TapAccumulator
+from trainables.metrics import DegenerateFeaturesError, TapAccumulator, weight_svd
+
+CACHE_BYTES = 256 << 20
+"""Taps of one split up to this size are kept from pass 1 for pass 2 instead of running the model again
+(the seed 000 MLP's 4 taps of 10,000 samples take 20 MiB); wider ones are recomputed batch by batch."""
 
 
 def metric_key(metric: str, split: str, tap: str) -> str:
@@ -25,6 +29,12 @@ def metric_key(metric: str, split: str, tap: str) -> str:
 def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
     for lo in range(0, len(x), batch_size):
         yield x[lo : lo + batch_size], y[lo : lo + batch_size]
+
+
+def _forward_again(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    for xb, yb in _batches(x, y, batch_size):
+        logits, taps = model.forward_taps(xb)
+        yield taps, yb, logits.argmax(1)
 
 
 @torch.no_grad()
@@ -48,18 +58,30 @@ def measure(
     model.eval()
     out: dict[str, float] = {}
     accumulators: dict[str, dict[str, TapAccumulator]] = {}
+    cached: dict[str, list | None] = {}
     for split, (x, y) in splits.items():
         loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
         correct = torch.zeros((), dtype=torch.float64, device=x.device)
         taps_acc: dict[str, TapAccumulator] = {}
+        kept: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] | None = (
+            [] if collapse else None
+        )
         for xb, yb in _batches(x, y, batch_size):
             logits, taps = model.forward_taps(xb) if collapse else (model(xb), {})
             loss_sum += task_loss(logits.float(), yb, num_classes, loss).double() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
+            predictions = logits.argmax(1)
+            correct += (predictions == yb).sum()
             for name, h in taps.items():
                 if name not in taps_acc:
                     taps_acc[name] = TapAccumulator(num_classes, h[0].numel(), h.device)
                 taps_acc[name].add_pass1(h, yb)
+            if kept is not None:
+                per_sample = sum(h[0].numel() * h.element_size() for h in taps.values())
+                if per_sample * len(x) <= CACHE_BYTES:
+                    kept.append((taps, yb, predictions))
+                else:
+                    kept = None
+        cached[split] = kept
         out[f"{split}_loss"] = float(loss_sum / len(x))
         out[f"{split}_acc"] = float(correct / len(x))
         accumulators[split] = taps_acc
@@ -86,13 +108,16 @@ def measure(
     for split, (x, y) in splits.items():
         if not live[split]:
             continue
-        for xb, yb in _batches(x, y, batch_size):
-            logits, taps = model.forward_taps(xb)
-            predictions = logits.argmax(1)
+        batches = cached[split]
+        if batches is None:  # too wide to keep: run the model again
+            batches = _forward_again(model, x, y, batch_size)
+        for taps, yb, predictions in batches:
             for name, acc in live[split].items():
                 acc.add_pass2(taps[name], yb, predictions)
 
     consumers = model.consumer_weights()
+    # One SVD per consumer weight serves NC3 alignment and the weight's stable rank on every split.
+    svds = {name: weight_svd(w) for name, w in consumers.items() if any(name in t for t in live.values())}
     classifier = model.classifier.weight
     last_tap = model.penultimate
     for split, taps_acc in live.items():
@@ -100,6 +125,7 @@ def measure(
             values = acc.result(
                 classifier=classifier if name == last_tap else None,
                 next_weight=consumers.get(name),
+                next_weight_svd=svds.get(name),
             )
             for metric, value in values.items():
                 out[metric_key(metric, split, name)] = value

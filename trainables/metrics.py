@@ -140,9 +140,14 @@ class TapAccumulator:
 
     # ---- results ------------------------------------------------------------------------------------
     def result(
-        self, classifier: torch.Tensor | None = None, next_weight: torch.Tensor | None = None
+        self,
+        classifier: torch.Tensor | None = None,
+        next_weight: torch.Tensor | None = None,
+        next_weight_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """All metrics of SCIENCE.md's table that the given inputs define."""
+        """All metrics of SCIENCE.md's table that the given inputs define. ``next_weight_svd``: the
+        ``(S, Vh)`` of ``next_weight`` in float64 when the caller already has it (one SVD per weight and
+        epoch serves both splits)."""
         assert self._pass == 2, "run both passes first"
         present = self.present
         counts = self.counts[present]
@@ -169,9 +174,11 @@ class TapAccumulator:
         if classifier is not None:
             out["nc3"] = nc3(classifier.to(self.device, torch.float64)[present], self.M)
         if next_weight is not None:
-            w = next_weight.detach().reshape(len(next_weight), -1).to(self.device, torch.float64)
-            out["nc3_alignment"] = nc3_alignment(self.M, w, self.num_classes)
-            out["weight_stable_rank"] = stable_rank(w)
+            if next_weight_svd is None:
+                next_weight_svd = weight_svd(next_weight)
+            sv, vh = (t.to(self.device) for t in next_weight_svd)
+            out["nc3_alignment"] = nc3_alignment(self.M, None, self.num_classes, vh=vh)
+            out["weight_stable_rank"] = (sv**2).sum() / sv[0] ** 2  # ||W||_F^2 / ||W||_2^2 (002 §4)
         return {k: float(v) for k, v in out.items()}
 
     def _spectral_norm_sq(self) -> torch.Tensor:
@@ -231,15 +238,27 @@ def nc3(classifier: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return (classifier.T / classifier.norm() - M / M.norm()).norm()
 
 
-def nc3_alignment(M: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torch.Tensor:
+def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and right-singular vectors ``(S, Vh)`` of a layer weight, flattened to out x in,
+    in float64."""
+    w = weight.detach().reshape(len(weight), -1).to(torch.float64)
+    _, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    return sv, vh
+
+
+def nc3_alignment(
+    M: torch.Tensor, weight: torch.Tensor | None, num_classes: int, vh: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean cosine of the principal angles between range(M) and the top-C right-singular subspace of the
     weight that consumes these features (002 §4 and App. A). 1 means fully aligned.
 
-    range(M) has dimension rank(M) <= C-1; the number of angles is min(rank(M), C).
+    range(M) has dimension rank(M) <= C-1; the number of angles is min(rank(M), C). ``vh``: the weight's
+    right-singular vectors when already computed (then ``weight`` may be None).
     """
     u, s, _ = torch.linalg.svd(M, full_matrices=False)
     q_m = u[:, s > _PINV_RTOL**0.5 * s.max()]
-    _, _, vh = torch.linalg.svd(weight, full_matrices=False)
+    if vh is None:
+        _, _, vh = torch.linalg.svd(weight, full_matrices=False)
     v_c = vh[:num_classes].T
     return torch.linalg.svdvals(q_m.T @ v_c).clamp(max=1.0).mean()
 

@@ -1,0 +1,286 @@
+"""Issue 8's CPU speed targets, side by side in one run: seed 000's MLP on MNIST-shaped data.
+
+Sections (each prints one Markdown table; ratios compare numbers from this run only):
+- ``epoch``: one training epoch of the trainer (device-resident tensors, randperm batches) against the
+  torchvision-style loop it replaces (``torchvision.datasets.MNIST`` with per-sample ``ToTensor`` +
+  ``Normalize`` in a ``DataLoader``), same model, optimizer and batch size; plus trial bundles (per model).
+- ``metrics``: the per-epoch measurement with every NC metric (metric subset of the train split + test
+  split) against the epoch; and the same pass without NC metrics.
+- ``mlflow``: logging one epoch's metrics (one ``log_batch`` to a SQLite store, as trials do) against
+  the epoch.
+- ``sweep``: the wall time of a real local Ray sweep against its ideal, the sum of its trials' own run
+  times (MLflow start to end) over the trials that fit at once.
+
+The data are MNIST-format IDX files written here (class templates plus noise, 28 x 28 uint8), read by
+torchvision's own MNIST class in both loops, since these machines cannot download MNIST.
+
+Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,sweep]``. ``--quick``
+is the CI-sized form (6,000 training samples instead of 60,000). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEED000_MLP = {"preset": "seed000"}
+
+
+def write_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """MNIST-format IDX files under ``root/MNIST/raw``: learnable classes (a fixed template per class plus
+    noise), so the metrics see real class structure."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 256, size=(10, 28, 28))
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, size=n)
+        images = np.clip(templates[labels] * 0.5 + rng.normal(0, 60, size=(n, 28, 28)) + 64, 0, 255)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.astype(np.uint8).tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes()
+        )
+    return root
+
+
+def trial_config(root: Path, **extra):
+    from trainables.config import TrialConfig
+
+    data = {
+        "dataset": "mnist",
+        "data": {"root": str(root), "download": False},
+        "model": {"mlp": SEED000_MLP},
+        "train": {"epochs": 300, "batch_size": 128, "optimizer": {"lr": 0.05}},
+        "device": "cpu",
+    }
+    data.update(extra)
+    return TrialConfig.model_validate(data)
+
+
+def _median(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:
+    """The loop issue 8 measured at 3.2 s/epoch on an H100 host: per-sample transforms in a DataLoader."""
+    import torchvision
+    from torchvision import transforms
+
+    from trainables.data import dataset_info
+    from trainables.models import build_model
+
+    cfg = trial_config(root)
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset_info(cfg))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    ds = torchvision.datasets.MNIST(str(root), train=True, transform=tf, download=False)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=128, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
+
+    def epoch():
+        model.train()
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    epoch()  # warm-up: worker start, allocator
+    return _median(epoch, repeats)
+
+
+def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int]) -> list[tuple[str, float]]:
+    from trainables.bundle import Bundle
+    from trainables.loop import Trainer
+
+    rows = []
+    for workers in (0, 2):
+        rows.append(
+            (
+                f"DataLoader loop, torchvision transforms, {workers} workers",
+                dataloader_epoch(root, workers, repeats),
+            )
+        )
+    trainer = Trainer(trial_config(root))
+    trainer.train_epoch()
+    rows.append(
+        ("trainer epoch (tensors in memory, randperm batches)", _median(trainer.train_epoch, repeats))
+    )
+    for size in bundle_sizes:
+        bundle = Bundle([trial_config(root, seed=s) for s in range(size)])
+        bundle.train_epoch()
+        rows.append((f"bundle of {size}, per model", _median(bundle.train_epoch, repeats) / size))
+    return rows
+
+
+def bench_metrics(root: Path, repeats: int) -> dict[str, float]:
+    from trainables.loop import Trainer
+    from trainables.measure import measure
+
+    trainer = Trainer(trial_config(root))
+    trainer.train_epoch()
+    epoch = _median(trainer.train_epoch, repeats)
+    cfg = trainer.cfg.metrics
+
+    def metric_pass(collapse: bool):
+        return measure(
+            trainer.model, trainer.splits, 10, batch_size=cfg.batch_size, collapse=collapse, loss="ce"
+        )
+
+    metric_pass(True)
+    return {
+        "epoch": epoch,
+        "full": _median(lambda: metric_pass(True), repeats),
+        "plain": _median(lambda: metric_pass(False), repeats),
+        "train_subset": len(trainer.splits["train"][0]),
+        "test": len(trainer.splits["test"][0]),
+        "keys": len(metric_pass(True)),
+    }
+
+
+def bench_mlflow(root: Path, repeats: int) -> dict[str, float]:
+    import mlflow  # noqa: F401  (import cost outside the timing)
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.tracking import TrialTracker
+    from trainables.loop import Trainer
+
+    trainer = Trainer(trial_config(root))
+    epoch = _median(trainer.train_epoch, repeats)
+    metrics = trainer.end_epoch(0.0, 0.05, time.perf_counter())
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        client = MlflowClient(uri)
+        exp = client.create_experiment("bench")
+        parent = client.create_run(exp).info.run_id
+        tracker = TrialTracker(
+            tracking_uri=uri,
+            experiment_id=exp,
+            parent_run_id=parent,
+            sweep_id="bench",
+            trial_key="t0",
+            run_name="t0",
+            params=trainer.cfg.model_dump(mode="json"),
+            tags={},
+        )
+        times = []
+        for step in range(1, 2 + 4 * repeats):
+            start = time.perf_counter()
+            tracker.log_epoch(step, metrics)
+            times.append(time.perf_counter() - start)
+    return {"epoch": epoch, "log": statistics.median(times[1:]), "keys": len(metrics)}
+
+
+def bench_sweep(root: Path, trials: int, epochs: int, bundle: int | str) -> dict[str, float]:
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.orchestrate import run_sweep
+    from sweeper.spec import load_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {
+            "name": "bench",
+            "experiment": "bench",
+            "dataset": "mnist",
+            "data": {"root": str(root), "download": False},
+            "model": {"mlp": SEED000_MLP},
+            "train": {"epochs": epochs, "batch_size": 128, "optimizer": {"lr": 0.05}},
+            "checkpoint": {"every": epochs},
+            "device": "cpu",
+            "grid": {"seed": list(range(trials))},
+            "resources": {"cpu": 1},
+            "bundle": bundle,
+        }
+        path = Path(tmp) / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        started = time.perf_counter()
+        result = run_sweep(
+            load_spec(path), storage=Path(tmp) / "sweeps", address=None, tracking_uri=uri, progress=False
+        )
+        wall = time.perf_counter() - started
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+        children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+        assert len(children) == trials and all(o.status == "FINISHED" for o in result.outcomes)
+        own = sum((r.info.end_time - r.info.start_time) / 1000 for r in children)
+    slots = 2  # this machine's CPUs over resources.cpu: 1
+    return {"wall": wall, "sum": own, "slots": slots, "ideal": own / slots}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 6,000 training samples")
+    parser.add_argument("--sections", default="epoch,metrics,mlflow,sweep")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    n_train, n_test = (6_000, 1_000) if args.quick else (60_000, 10_000)
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; {n_train:,} train / {n_test:,} test 28x28 samples; seed 000 MLP "
+        f"(depth 5, width 128, BN), batch 128; medians of {args.repeats}\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_mnist(Path(tmp), n_train, n_test)
+        if "epoch" in sections:
+            rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16])
+            trainer = next(t for name, t in rows if name.startswith("trainer"))
+            print("| loop | s/epoch | vs trainer |\n| --- | ---: | ---: |")
+            for name, t in rows:
+                print(f"| {name} | {t:.3f} | {t / trainer:.2f}x |")
+            print()
+        if "metrics" in sections:
+            m = bench_metrics(root, args.repeats)
+            print(
+                "| train epoch (s) | NC metric pass (s) | metric / epoch | acc+loss only (s) | samples measured | keys |"
+            )
+            print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+            print(
+                f"| {m['epoch']:.3f} | {m['full']:.3f} | {m['full'] / m['epoch']:.1%} | {m['plain']:.3f} | "
+                f"{m['train_subset']:,} + {m['test']:,} | {m['keys']} |\n"
+            )
+        if "mlflow" in sections:
+            m = bench_mlflow(root, args.repeats)
+            print("| train epoch (s) | MLflow log_batch per epoch (s) | log / epoch | metrics per epoch |")
+            print("| ---: | ---: | ---: | ---: |")
+            print(f"| {m['epoch']:.3f} | {m['log']:.4f} | {m['log'] / m['epoch']:.1%} | {m['keys']} |\n")
+        if "sweep" in sections:
+            trials, epochs = (4, 3) if args.quick else (8, 10)
+            print(
+                "| sweep | trials x epochs | wall (s) | sum of trial runs (s) | ideal = sum / 2 slots (s) | wall / ideal |"
+            )
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
+            s = bench_sweep(root, trials, epochs, 1)
+            print(
+                f"| one trial per Tune trial | {trials} x {epochs} | {s['wall']:.1f} | {s['sum']:.1f} | "
+                f"{s['ideal']:.1f} | {s['wall'] / s['ideal']:.2f} |"
+            )
+            b = bench_sweep(root, trials, epochs, "auto")
+            # A member's run spans its whole bundle, so "sum / slots" is no ideal there: compare walls.
+            print(
+                f"| bundle: auto (2 bundles) | {trials} x {epochs} | {b['wall']:.1f} | - | - | "
+                f"{b['wall'] / s['wall']:.2f} of the unbundled wall |"
+            )
+
+
+if __name__ == "__main__":
+    main()
