@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_metrics import _median_time as _median  # the script's folder is on sys.path
 
 SEED000_MLP = {"preset": "seed000"}
 
@@ -65,15 +66,6 @@ def trial_config(root: Path, **extra):
     }
     data.update(extra)
     return TrialConfig.model_validate(data)
-
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:

@@ -105,17 +105,37 @@ def _init_ray(address: str | None, env_vars: dict[str, str], verbose: bool) -> N
         ray.init(address="local", include_dashboard=False, **common)
 
 
-def check_resources(loaded: LoadedSpec, address: str | None) -> None:
-    """Refuse a GPU request on a machine without one before anything is started (local runs)."""
-    gpu = loaded.spec.resources.gpu
-    if gpu > 0 and not address:
-        import torch
+def check_resources(loaded: LoadedSpec, trials: list[PlannedTrial], address: str | None) -> None:
+    """Before anything starts: refuse a GPU request on a machine without one (local runs), and a GPU
+    fraction too small for the memory a trial needs (trainables.memory) on this machine's GPU."""
+    spec = loaded.spec
+    gpu = spec.resources.gpu
+    if gpu == 0:
+        return
+    import torch
 
-        if torch.cuda.device_count() == 0:
-            raise SpecError(
-                f"{loaded.path}: resources.gpu: {gpu} requested but this machine has no CUDA GPU; "
-                "use resources.gpu: 0 or run on a cluster with --address"
-            )
+    if not torch.cuda.is_available():
+        if address:
+            return  # the driver of a cluster sweep need not have a GPU; Ray places the trials
+        raise SpecError(
+            f"{loaded.path}: resources.gpu: {gpu} requested but this machine has no CUDA GPU; "
+            "use resources.gpu: 0 or run on a cluster with --address"
+        )
+    if gpu >= 1:
+        return
+    from trainables.memory import estimate_bytes
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    members = spec.bundle if isinstance(spec.bundle, int) else 1
+    needs = {t.run_name: estimate_bytes(t.config, members) for t in trials}
+    name, worst = max(needs.items(), key=lambda kv: kv[1])
+    if worst > gpu * total:
+        gib = 2**30
+        raise SpecError(
+            f"{loaded.path}: resources.gpu: {gpu} packs {int(1 / gpu)} trials per GPU, "
+            f"{gpu * total / gib:.1f} GiB each of this {total / gib:.1f} GiB GPU, but trial {name} needs "
+            f"about {worst / gib:.1f} GiB; use resources.gpu: {math.ceil(worst / total * 100) / 100} or more"
+        )
 
 
 def stage_datasets(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
@@ -153,7 +173,7 @@ def run_sweep(
 
     spec = loaded.spec
     trials = expand(loaded)
-    check_resources(loaded, address)
+    check_resources(loaded, trials, address)
     stage_datasets(loaded, trials)
     started = time.perf_counter()
     if not isinstance(storage, Location):

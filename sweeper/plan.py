@@ -1,5 +1,6 @@
 """What a sweep will train, without loading data: one row per trial (or, with a search, per grid cell and
-its budget) with its model's parameter counts."""
+its budget) with its model's parameter counts and the device memory it is estimated to need
+(``trainables.memory``; for a bundle, the whole bundle's)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from sweeper.spec import LoadedSpec, expand
 from trainables.data import dataset_info
+from trainables.memory import estimate_bytes
 from trainables.models import build_model, parameter_counts
 
 
@@ -28,5 +30,8 @@ def plan_rows(loaded: LoadedSpec) -> list[dict[str, Any]]:
                 sampler=search.optuna.sampler,
                 searched={path: dist.as_spec() for path, dist in search.space.items()},
             )
-        rows.append({**row, **parameter_counts(model)})
+        estimate = estimate_bytes(
+            trial.config, loaded.spec.bundle if isinstance(loaded.spec.bundle, int) else 1
+        )
+        rows.append({**row, **parameter_counts(model), "memory_mib": round(estimate / 2**20)})
     return rows

@@ -160,6 +160,19 @@ def test_cli_gpu_request_without_gpu_is_refused_before_anything_starts(tmp_path,
     assert not storage.exists()
 
 
+@pytest.mark.gpu
+def test_gpu_fraction_too_small_for_a_trial_is_refused(tmp_path, capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    spec = write(tmp_path, MINIMAL + "resources: {gpu: 0.001}\n")
+    storage = tmp_path / "storage"
+    assert main(["run", str(spec), "--storage", str(storage)]) == 2
+    assert "resources.gpu: 0.001 packs 1000 trials per GPU" in capsys.readouterr().err
+    assert not storage.exists()
+
+
 def test_validate_ok(capsys):
     assert main(["validate", str(QUICKSTART)]) == 0
     assert "valid; 6 trials" in capsys.readouterr().out

@@ -194,3 +194,25 @@ def test_trial_runs_on_cuda():
     rep = Collect()
     trainer.run(rep)
     assert "ncc_acc/test/fc3" in rep.epochs[-1][1]
+    # Measured peak beside the estimate trainables.memory makes before a packed sweep starts.
+    from trainables.memory import estimate_bytes
+
+    peak = rep.epochs[-1][1]["gpu_memory_peak_mib"]
+    assert 0 < peak * 2**20 < estimate_bytes(cfg)
+
+
+@pytest.mark.parametrize("extra", [{}, {"dataset": "digits", "data": {"test_fraction": 0.25}}])
+def test_memory_estimate_covers_the_real_data_and_weights(extra):
+    from trainables.memory import CUDA_CONTEXT_BYTES, estimate_bytes, split_sizes
+
+    cfg = TrialConfig.model_validate({**SMALL, **extra})
+    trainer = Trainer(cfg)
+    d = trainer.data
+    assert split_sizes(cfg) == (len(d.x_train), len(d.x_test))
+    real = sum(t.nbytes for t in (d.x_train, d.y_train, d.x_test, d.y_test))
+    real += 3 * sum(p.nbytes for p in trainer.model.parameters())  # weight, gradient, momentum
+    one = estimate_bytes(cfg) - CUDA_CONTEXT_BYTES
+    assert one >= real
+    # A bundle shares the data and adds each member's weights and activations.
+    four = estimate_bytes(cfg, members=4) - CUDA_CONTEXT_BYTES
+    assert one < four < 4 * one

@@ -225,6 +225,9 @@ class Trainer:
         metrics["etf_layers"] = float(len(self.etf_fixed))
         metrics.update({f"etf_fixed_epoch/{k}": float(v) for k, v in self.etf_fixed.items()})
         metrics["epoch_time_s"] = time.perf_counter() - started
+        if self.device.type == "cuda":
+            # Measured, to set resources.gpu for packing (trainables.memory estimates it beforehand).
+            metrics["gpu_memory_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.last_metrics = metrics
         if self.best_epoch == 0 or metrics["test_acc"] > self.best_metrics["test_acc"]:
             self.best_epoch, self.best_metrics = self.epoch, metrics
