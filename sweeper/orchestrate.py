@@ -241,9 +241,12 @@ def run_sweep(
         experiment = sweep_dir.child(TUNE_DIR)
         searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
         total = len(points) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
-        if tune.Tuner.can_restore(experiment.path, storage_filesystem=experiment.fs):
+        # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
+        # location hands Tune its pyarrow filesystem.
+        fs = None if sweep_dir.is_local else sweep_dir.fs
+        if tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
             tuner = tune.Tuner.restore(
-                experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=experiment.fs
+                experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
             )
         else:
             if searcher is None:
@@ -273,7 +276,7 @@ def run_sweep(
                 run_config=tune.RunConfig(
                     name=TUNE_DIR,
                     storage_path=sweep_dir.path,
-                    storage_filesystem=sweep_dir.fs,
+                    storage_filesystem=fs,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[ProgressPrinter(total, spec.objective.metric)] if progress else [],

@@ -193,7 +193,10 @@ def test_plan_json_counts_parameters(capsys):
         "seed": 0,
         "trainable_params": expected,
         "total_params": expected,
+        "memory_mib": rows[0]["memory_mib"],
     }
+    # trainables.memory: the CUDA context allowance plus a few MiB for digits and a small MLP.
+    assert 600 <= rows[0]["memory_mib"] < 700
 
 
 def test_plan_text(capsys):
