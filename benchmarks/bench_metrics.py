@@ -33,6 +33,7 @@ class WideConv(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         self.classifier = nn.Linear(64, num_classes)
         self.tap_names = ["conv1", "pool"]
+        self.penultimate = "pool"
 
     def forward_taps(self, x):
         h = self.stem(x)
