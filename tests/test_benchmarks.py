@@ -1,0 +1,40 @@
+"""The benchmarks run in their CI-sized form (issue 8): the script works end to end and prints its
+tables. Nothing about the times is asserted; the numbers belong in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_in_ci_size():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_speed.py"),
+            "--quick",
+            "--repeats",
+            "1",
+            "--sections",
+            "epoch,metrics,mlflow",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for row in (
+        "| trainer epoch",
+        "| bundle of 4, per model",
+        "| DataLoader loop",
+        "metric / epoch",
+        "log / epoch",
+    ):
+        assert row in out, out
