@@ -15,7 +15,7 @@ The data are MNIST-format IDX files written here (class templates plus noise, 28
 torchvision's own MNIST class in both loops, since these machines cannot download MNIST.
 
 Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,sweep]``. ``--quick``
-is the CI-sized form (6,000 training samples instead of 60,000). Nothing is asserted.
+is the CI-sized form (3,000 training samples instead of 60,000). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def bench_sweep(root: Path, trials: int, epochs: int, bundle: int | str) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized: 6,000 training samples")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 3,000 training samples")
     parser.add_argument("--sections", default="epoch,metrics,mlflow,sweep")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (epoch and metrics sections)")
@@ -230,7 +230,7 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     sections = args.sections.split(",")
-    n_train, n_test = (6_000, 1_000) if args.quick else (60_000, 10_000)
+    n_train, n_test = (3_000, 500) if args.quick else (60_000, 10_000)
     print(
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"device {DEVICE}{' (' + torch.cuda.get_device_name() + ')' if DEVICE == 'cuda' else ''}, "

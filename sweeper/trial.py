@@ -148,6 +148,13 @@ class BundleReporter:
             out[member_prefix(i) + "error"] = reason
         return out
 
+    def mark_failures(self, failed: dict[int, Exception]) -> None:
+        """Members that failed this epoch end FAILED in MLflow now, with the reason, not at the end."""
+        for i, err in failed.items():
+            if i not in self.failed:
+                self.failed[i] = f"{type(err).__name__}: {err}"
+                self.trackers[i].fail(self.failed[i])
+
     def epoch_done(self, epoch: int) -> None:
         if not self.states:
             tune.report(self.result())
@@ -197,17 +204,19 @@ def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
             _mark_restored(trackers[i], states[i])
     try:
         bundle = Bundle([cfgs[i] for i in active], [states.get(i) for i in active])
-        results = bundle.run([reporter.member(i) for i in active], epoch_done=reporter.epoch_done)
+
+        def epoch_done(epoch: int) -> None:
+            reporter.mark_failures({active[j]: err for j, err in bundle.failed.items()})
+            reporter.epoch_done(epoch)
+
+        results = bundle.run([reporter.member(i) for i in active], epoch_done=epoch_done)
     except Exception as err:  # the whole bundle: Tune retries it from its checkpoint
         for i in active:
             trackers[i].fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
         raise
+    reporter.mark_failures({i: r for i, r in zip(active, results) if isinstance(r, Exception)})
     for i, outcome in zip(active, results):
-        if isinstance(outcome, Exception):
-            reason = f"{type(outcome).__name__}: {outcome}"
-            trackers[i].fail(reason)
-            reporter.failed[i] = reason
-        else:
+        if not isinstance(outcome, Exception):
             log_trial_figures(trackers[i], taps, members[i]["name"])
             trackers[i].finish(outcome)
     if len(reporter.failed) == len(members):

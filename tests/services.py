@@ -16,6 +16,23 @@ from contextlib import contextmanager
 
 import psutil
 
+_MLFLOW_TEMPLATE: str | None = None
+
+
+def mlflow_uri(folder) -> str:
+    """A SQLite MLflow store in ``folder``, copied from one created (and migrated) once per test run:
+    creating a store runs MLflow's schema migrations, about 3.5 s per sweep test on 2 cores."""
+    global _MLFLOW_TEMPLATE
+    if _MLFLOW_TEMPLATE is None:
+        from mlflow.tracking import MlflowClient
+
+        template = os.path.join(tempfile.mkdtemp(prefix="sweeper-mlflow-"), "mlflow.db")
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+        _MLFLOW_TEMPLATE = template
+    target = os.path.join(str(folder), "mlflow.db")
+    shutil.copyfile(_MLFLOW_TEMPLATE, target)
+    return f"sqlite:///{target}"
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import kill_tree, wait_for
+from tests.services import kill_tree, mlflow_uri, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def _check_exactly_once(client, planned, epochs):
 def test_driver_sigkill_at_several_points_then_resume(tmp_path):
     epochs = 50
     (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]", bundle=1))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
 
     def finished():
@@ -100,7 +100,7 @@ def test_worker_killed_mid_trial_continues_from_checkpoint(tmp_path):
     """The trial is a bundle of two seeds: both members continue from their slices of its checkpoint."""
     epochs, every = 45, 15
     (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=every, seeds="[0, 1]", bundle=2))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
     driver = _driver(tmp_path, uri)
     try:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from sweeper.orchestrate import run_sweep
 from sweeper.spec import expand, load_spec
+from tests.services import mlflow_uri
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -30,17 +30,10 @@ def test_every_spec_has_a_smoke_mode():
         assert all(t.config.dataset in ("digits", "gaussian", "mnist1d") for t in smoke), path.name
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_spec_runs_in_smoke_mode(path, tmp_path, local_ray):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri(tmp_path)
     loaded = load_spec(path, smoke=True)
     result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
     search = loaded.spec.search

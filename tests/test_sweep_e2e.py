@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import s3_server
+from tests.services import mlflow_uri, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ def sweep(tmp_path_factory):
     """One real sweep through the CLI, shared by the tests below (Ray start-up dominates their cost)."""
     tmp_path = tmp_path_factory.mktemp("e2e")
     (tmp_path / "spec.yaml").write_text(SPEC)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri(tmp_path)
     with s3_server() as endpoint:
         query = f"endpoint_override={endpoint}&scheme=http"
         storage = f"s3://sweeps/team?{query}"
