@@ -28,6 +28,7 @@ grid:
 resources: {{cpu: 1}}
 max_failures: 3
 bundle: {bundle}
+max_concurrent: {concurrent}
 """
 
 
@@ -68,10 +69,14 @@ def _check_exactly_once(client, planned, epochs):
 
 def test_driver_sigkill_at_several_points_then_resume(tmp_path):
     epochs = 50
-    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]", bundle=1))
+    (tmp_path / "spec.yaml").write_text(
+        SPEC.format(epochs=epochs, every=20, seeds="[0, 1, 2, 3]", bundle=1, concurrent=1)
+    )
     uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
 
+    # max_concurrent 1: with two trials at a time the last two can finish within one poll, leaving no
+    # moment "during the last trial" to kill in.
     def finished():
         return sum(c.info.status == "FINISHED" for c in _children(client))
 
@@ -99,7 +104,9 @@ def test_driver_sigkill_at_several_points_then_resume(tmp_path):
 def test_worker_killed_mid_trial_continues_from_checkpoint(tmp_path):
     """The trial is a bundle of two seeds: both members continue from their slices of its checkpoint."""
     epochs, every = 45, 15
-    (tmp_path / "spec.yaml").write_text(SPEC.format(epochs=epochs, every=every, seeds="[0, 1]", bundle=2))
+    (tmp_path / "spec.yaml").write_text(
+        SPEC.format(epochs=epochs, every=every, seeds="[0, 1]", bundle=2, concurrent=1)
+    )
     uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
     driver = _driver(tmp_path, uri)
