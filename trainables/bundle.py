@@ -146,16 +146,22 @@ class Bundle:
         self.alpha = torch.tensor([c.svsl.alpha for c in self.cfgs], device=dev)
 
     def _unstack(self) -> None:
-        """Copy the stacked values into each member's own module (and momentum into its optimizer)."""
+        """Copy the stacked values into each member's own module, which measures them."""
         with torch.no_grad():
             for i, member in enumerate(self.members):
                 tensors = dict(member.model.named_parameters()) | dict(member.model.named_buffers())
                 for n, t in tensors.items():
                     t.copy_(self.stacked[n][i])
-                for n, param in member.model.named_parameters():
-                    buf = self.momentum.get(n)
-                    if buf is not None and param.requires_grad:
-                        member.optimizer.state[param]["momentum_buffer"] = buf[i].clone()
+
+    def _member_state(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s checkpoint, a lone trial's format: its momentum goes into its own optimizer
+        first (only here, on checkpoint epochs; the stacked buffers are the live ones)."""
+        member = self.members[i]
+        for n, param in member.model.named_parameters():
+            buf = self.momentum.get(n)
+            if buf is not None and param.requires_grad:
+                member.optimizer.state[param]["momentum_buffer"] = buf[i]
+        return member.state_dict()  # copies to the CPU
 
     def _sync_etf(self, i: int, known: set[str]) -> None:
         """Adaptive-ETF fixed layers of member ``i`` during its epoch end: freeze its slices (000 §4.1)."""
@@ -256,7 +262,7 @@ class Bundle:
                     metrics = member.end_epoch(losses[i], lrs[i], started)
                 self._sync_etf(i, known[i])
                 reporter.report(
-                    member.epoch, metrics, member.state_dict() if member.checkpoint_due() else None
+                    member.epoch, metrics, self._member_state(i) if member.checkpoint_due() else None
                 )
             if epoch_done is not None and len(self.failed) < len(self.members):
                 epoch_done(self.members[0].epoch)
