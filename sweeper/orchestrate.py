@@ -235,12 +235,12 @@ def run_sweep(
     if started_ray:
         _init_ray(address, env_vars, verbose)
     try:
-        if spec.bundle != 1:
+        searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
+        if spec.bundle != 1 and searcher is None:
             points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
         trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         experiment = sweep_dir.child(TUNE_DIR)
-        searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
-        total = len(points) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
+        total = len(trials) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
         # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
         # location hands Tune its pyarrow filesystem.
         fs = None if sweep_dir.is_local else sweep_dir.fs
@@ -338,7 +338,15 @@ def _trial_slots(loaded: LoadedSpec) -> int:
         else total.get("CPU", 1) / spec.resources.cpu
     )
     slots = max(1, int(slots))
-    return min(slots, spec.max_concurrent) if spec.max_concurrent else slots
+    limit = spec.search.optuna.max_concurrent if spec.search else spec.max_concurrent
+    return min(slots, limit) if limit else slots
+
+
+def _group(cfg: TrialConfig) -> str | None:
+    """Trials of one group may share a bundle (None: this architecture trains alone)."""
+    from trainables.bundle import BUNDLE_ARCHITECTURES, bundle_key
+
+    return f"{bundle_key(cfg)}|{data_root(cfg.data)}" if cfg.architecture in BUNDLE_ARCHITECTURES else None
 
 
 def bundle_points(
@@ -347,12 +355,9 @@ def bundle_points(
     """Group grid points into trial bundles (trainables.bundle): points with the same bundle key, in grid
     order, ``size`` at a time; ``auto`` splits each group evenly over ``slots`` concurrent trials. Points
     of an architecture that cannot be bundled stay alone."""
-    from trainables.bundle import BUNDLE_ARCHITECTURES, bundle_key
-
     groups: dict[str, list[dict[str, Any]]] = {}
     for point, cfg in zip(points, configs):
-        key = bundle_key(cfg) if cfg.architecture in BUNDLE_ARCHITECTURES else point["key"]
-        groups.setdefault(f"{key}|{point['data_root']}", []).append(point)
+        groups.setdefault(_group(cfg) or point["key"], []).append(point)
     out = []
     for members in groups.values():
         n = size if size != "auto" else math.ceil(len(members) / slots)
@@ -383,7 +388,7 @@ def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:
 
 
 def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], storage_url: str):
-    from sweeper.search import CellSearcher
+    from sweeper.search import CellSearcher, auto_bundle_size
 
     search = loaded.spec.search
     cells = [
@@ -392,9 +397,15 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
             "name": t.run_name,
             "trial": t.config.model_dump(mode="json"),
             "data_root": str(data_root(t.config.data)),
+            "group": _group(t.config) if loaded.spec.bundle != 1 else None,
         }
         for t in trials
     ]
+    bundle = loaded.spec.bundle
+    if bundle == "auto":
+        groups = [c["group"] for c in cells if c["group"] is not None]
+        largest = max((groups.count(g) for g in set(groups)), default=1)
+        bundle = auto_bundle_size(largest * search.optuna.trials_per_cell, _trial_slots(loaded))
     return CellSearcher(
         cells=cells,
         space={path: dist.as_spec() for path, dist in search.space.items()},
@@ -406,6 +417,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
         sweep=sweep_ctx,
         metric=loaded.spec.objective.metric,
         mode=loaded.spec.objective.mode,
+        bundle=bundle,
     )
 
 

@@ -16,8 +16,9 @@ class ProgressPrinter(Callback):
         self.started = time.perf_counter()
 
     def _line(self, trial, status: str) -> None:
-        self.done += 1
-        name = trial.config.get("point", {}).get("name", trial.trial_id)
+        point = trial.config.get("point", {})
+        self.done += len(point.get("bundle", [point]))  # counts trials: a bundle is several
+        name = point.get("name", trial.trial_id)
         result = trial.last_result or {}
         value = result.get(self.metric)
         shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else ""

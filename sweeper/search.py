@@ -13,6 +13,12 @@ snapshot holds this searcher's map of live Tune trials to study trials. After a 
   and it does not count toward the cell's budget, so the cell asks again;
 - every other trial counts, so each cell ends with exactly ``trials_per_cell`` counted trials and none
   RUNNING.
+
+Trial bundles (``bundle`` in the spec, trainables.bundle): one Tune trial trains several study trials as
+one stacked model. The searcher asks them together, from cells whose trials may share a bundle (the same
+``group``), and tells each member's own result; each member keeps its own MLflow run and study trial. A
+bundle's members are asked before any of them is told, so bundles trade the search's feedback for
+throughput: ``auto`` keeps each study hearing back in at least :data:`AUTO_ROUNDS` rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 ORPHANED = "sweeper.orphaned"
+AUTO_ROUNDS = 4
+"""``bundle: auto`` with search: bundles a quarter the size of a grid's, so a study is told results in at
+least this many rounds instead of asking its whole budget before any result (which is random search)."""
+
+
+def auto_bundle_size(trials_in_group: int, slots: int) -> int:
+    """Members per bundle for ``bundle: auto`` in a searched sweep (see :data:`AUTO_ROUNDS`)."""
+    return max(1, math.ceil(trials_in_group / (slots * AUTO_ROUNDS)))
 
 
 def make_distribution(spec: dict[str, Any]):
@@ -61,7 +75,10 @@ class CellSearcher(Searcher):
     """Suggests trial configs for every grid cell from that cell's own Optuna study.
 
     ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``trial`` (its trial
-    config as a dict) and ``data_root``. ``space``: dotted trial-config path -> distribution spec.
+    config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle; None: never
+    bundled). ``space``: dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune
+    trial (sweeper.orchestrate.bundle_point); the objective is then told per member, from the bundle's
+    ``m<i>:<metric>`` results.
     """
 
     def __init__(
@@ -77,8 +94,13 @@ class CellSearcher(Searcher):
         sweep: dict[str, Any],
         metric: str,
         mode: str,
+        bundle: int = 1,
     ) -> None:
-        super().__init__(metric=metric, mode=mode)
+        # Tune checks that every result holds the searcher's metric; a bundle's results hold it per member
+        # (m0:test_acc, ...), so bundled searchers keep the objective to themselves.
+        super().__init__(metric=metric if bundle == 1 else None, mode=mode if bundle == 1 else None)
+        self.objective, self.direction = metric, mode
+        self.bundle = bundle
         self.cells = cells
         self.space = space
         self.sampler = sampler
@@ -87,7 +109,8 @@ class CellSearcher(Searcher):
         self.max_concurrent = max_concurrent
         self.storage_url = storage_url
         self.sweep = sweep
-        self.live: dict[str, tuple[int, int]] = {}  # Tune trial id -> (cell index, study trial number)
+        # Tune trial id -> its (cell index, study trial number) members: one, or a bundle's.
+        self.live: dict[str, list[tuple[int, int]]] = {}
         self._studies: dict[int, optuna.Study] = {}
         self._reconciled = False
 
@@ -96,6 +119,13 @@ class CellSearcher(Searcher):
         state = self.__dict__.copy()
         state["_studies"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A searcher pickled before bundles existed (a sweep resumed across that upgrade).
+        state.setdefault("bundle", 1)
+        state.setdefault("objective", state.get("_metric"))
+        state.setdefault("direction", state.get("_mode"))
+        self.__dict__.update(state)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         self.max_concurrent = max_concurrent
@@ -109,7 +139,7 @@ class CellSearcher(Searcher):
                 study_name=study_name(self.sweep["sweep_id"], self.cells[index]["key"]),
                 storage=optuna.storages.RDBStorage(self.storage_url),
                 sampler=make_sampler(self.sampler, self.seed + index),
-                direction="maximize" if self.mode == "max" else "minimize",
+                direction="maximize" if self.direction == "max" else "minimize",
                 load_if_exists=True,
             )
         return self._studies[index]
@@ -120,7 +150,7 @@ class CellSearcher(Searcher):
 
     def _reconcile(self) -> None:
         """Mark study trials RUNNING in storage but unknown to this (restored) searcher as orphans."""
-        known = {(cell, number) for cell, number in self.live.values()}
+        known = {member for members in self.live.values() for member in members}
         for index in range(len(self.cells)):
             study = self.study(index)
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -155,20 +185,36 @@ class CellSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if not self._reconciled:
             self._reconcile()
-        live_per_cell = [0] * len(self.cells)
-        for cell, _ in self.live.values():
-            live_per_cell[cell] += 1
         used = [len(self.counted(i)) for i in range(len(self.cells))]
         open_cells = [i for i in range(len(self.cells)) if used[i] < self.budget]
         if not open_cells:
             return Searcher.FINISHED if not self.live else None
         if len(self.live) >= self.max_concurrent:
             return None
-        index = min(open_cells, key=lambda i: (used[i], i))  # round-robin over cells, fewest asked first
-        study = self.study(index)
-        trial = study.ask({path: make_distribution(spec) for path, spec in self.space.items()})
-        self.live[trial_id] = (index, trial.number)
-        return {"point": self._point(index, trial.number, trial.params), "sweep": self.sweep}
+        distributions = {path: make_distribution(spec) for path, spec in self.space.items()}
+        members: list[tuple[int, int]] = []
+        points = []
+        while len(members) < self.bundle:
+            # Round-robin over cells, fewest asked first; a bundle fills up from cells of its first's group.
+            if members:
+                group = self.cells[members[0][0]]["group"]
+                if group is None:
+                    break
+                open_cells = [i for i in open_cells if self.cells[i]["group"] == group]
+            open_cells = [i for i in open_cells if used[i] < self.budget]
+            if not open_cells:
+                break
+            index = min(open_cells, key=lambda i: (used[i], i))
+            trial = self.study(index).ask(distributions)
+            used[index] += 1
+            members.append((index, trial.number))
+            points.append(self._point(index, trial.number, trial.params))
+        self.live[trial_id] = members
+        if len(points) == 1:
+            return {"point": points[0], "sweep": self.sweep}
+        from sweeper.orchestrate import bundle_point
+
+        return {"point": bundle_point(points), "sweep": self.sweep}
 
     def _point(self, index: int, number: int, params: dict[str, Any]) -> dict[str, Any]:
         import json
@@ -194,18 +240,22 @@ class CellSearcher(Searcher):
         }
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        index, number = self.live.pop(trial_id, (None, None))
-        if index is None:
-            return
-        study = self.study(index)
-        state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
-        if state.is_finished():
-            return  # told before the driver was killed; the replayed Tune trial changes nothing
-        value = (result or {}).get(self.metric)
-        if error or value is None or not math.isfinite(float(value)):
-            study.tell(number, state=TrialState.FAIL)
-        else:
-            study.tell(number, float(value))
+        from sweeper.trial import member_prefix
+
+        members = self.live.pop(trial_id, [])
+        result = result or {}
+        for i, (index, number) in enumerate(members):
+            study = self.study(index)
+            state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
+            if state.is_finished():
+                continue  # told before the driver was killed; the replayed Tune trial changes nothing
+            prefix = member_prefix(i) if len(members) > 1 else ""
+            value = result.get(prefix + self.objective)
+            failed = error or f"{prefix}error" in result
+            if failed or value is None or not math.isfinite(float(value)):
+                study.tell(number, state=TrialState.FAIL)
+            else:
+                study.tell(number, float(value))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -213,7 +263,9 @@ class CellSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.live = pickle.load(f)["live"]
+            live = pickle.load(f)["live"]
+        # Snapshots written before bundles held one (cell, number) pair per Tune trial.
+        self.live = {k: [v] if isinstance(v, tuple) else v for k, v in live.items()}
         self._reconciled = False
 
 
@@ -231,7 +283,7 @@ def best_per_cell(searcher: CellSearcher) -> tuple[dict[str, float], dict[str, s
         metrics[f"trials_complete/{cell['key']}"] = float(len(done))
         if not done:
             continue
-        best = (max if searcher.mode == "max" else min)(done, key=lambda t: t.value)
+        best = (max if searcher.direction == "max" else min)(done, key=lambda t: t.value)
         metrics[f"best_value/{cell['key']}"] = float(best.value)
         tags[f"sweeper.best.{cell['key']}"] = json.dumps(
             {"cell": cell["name"], "study_trial": best.number, "value": best.value, "params": best.params}

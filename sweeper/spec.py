@@ -131,7 +131,8 @@ class SweepSpec(TrialConfig):
     bundle: int | Literal["auto"] = 1
     """Trials per trial bundle (trainables.bundle): grid points that differ only in seed, ETF, SVSL,
     optimizer, schedule or metrics settings train as one stacked model in one Tune trial, each with its
-    own MLflow run and checkpoint. ``auto``: split each group evenly over the concurrent trial slots."""
+    own MLflow run, checkpoint and (with ``search``) Optuna trial. ``auto``: split each group evenly over
+    the concurrent trial slots (with ``search``: a quarter of that, see sweeper.search)."""
 
     search: SearchSpec | None = None
     """Optional Bayesian search: one Optuna study per grid cell (sweeper.search)."""
@@ -146,10 +147,23 @@ class SweepSpec(TrialConfig):
         raise ValueError("must be a number of trials from 1 to 4096, or 'auto'")
 
     @model_validator(mode="after")
-    def _bundles_are_for_grids(self) -> SweepSpec:
-        if self.search is not None and self.bundle != 1:
+    def _bundled_search(self) -> SweepSpec:
+        """Bundled Optuna trials (one study trial per member) may search only what members may vary in,
+        and ASHA cannot stop one member of a bundle (it stops whole Tune trials)."""
+        if self.search is None or self.bundle == 1:
+            return self
+        from trainables.bundle import VARYING
+
+        for path in self.search.space:
+            if not any(path == v or path.startswith(f"{v}.") for v in VARYING):
+                raise ValueError(
+                    f"search.space.{path}: bundled trials may search only {', '.join(VARYING)}; "
+                    "use bundle: 1 to search it"
+                )
+        if self.search.prune is not None:
             raise ValueError(
-                "bundle: a searched sweep trains each Optuna trial alone; use bundle: 1 with search"
+                "search.prune: ASHA stops whole Tune trials, not one member of a bundle; "
+                "use bundle: 1 with prune"
             )
         return self
 

@@ -75,15 +75,97 @@ def _check_exact_budget(storage_url, uri, cells=2, budget=3):
     assert len([k for k in parent.data.tags if k.startswith("sweeper.best.")]) == cells
 
 
-def test_search_runs_exact_budget_per_cell(tmp_path, local_ray):
+def test_bundled_search_runs_exact_budget_per_cell_one_study_trial_per_member(tmp_path, local_ray):
     # TPE here; GP runs in svsl_search.yaml's smoke mode (test_search_spaces). With a few trials per cell
-    # both stay in their random start-up phase, so one sampler per sweep test is enough.
-    spec = SPEC
+    # both stay in their random start-up phase, so one sampler per sweep test is enough. Unbundled
+    # searches run in the Postgres and driver-kill tests below.
+    spec = {**SPEC, "bundle": 2}
     loaded = load_spec(_write(tmp_path, spec))
     uri = mlflow_uri(tmp_path)
     result = run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
     assert len(result.outcomes) == 6 and all(o.status == "FINISHED" for o in result.outcomes)
-    _check_exact_budget(f"sqlite:///{result.sweep_dir.local_path / 'optuna.db'}", uri)
+    storage_url = f"sqlite:///{result.sweep_dir.local_path / 'optuna.db'}"
+    _check_exact_budget(storage_url, uri)
+    # Three Tune trials, each a bundle of one study trial from each cell (same group: only etf differs).
+    tune_dir = result.sweep_dir.local_path / "tune"
+    assert len([p for p in tune_dir.iterdir() if p.name.startswith("trial_bundle-")]) == 3
+    # Each member was told its own objective: the study's value is the test_acc its own MLflow run logged.
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("search-test").experiment_id])
+    logged = {
+        (r.data.tags["sweeper.study"], int(r.data.tags["sweeper.study_trial"])): r.data.metrics["test_acc"]
+        for r in runs
+        if r.data.tags.get("sweeper.role") == "trial"
+    }
+    for name, study in _studies(storage_url).items():
+        for trial in study.trials:
+            assert trial.value == pytest.approx(logged[(name, trial.number)], rel=1e-12)
+
+
+def _searcher(tmp_path, **overrides):
+    from sweeper.search import CellSearcher
+
+    trial = {"svsl": {"alpha": 0.0, "gamma": 1}}
+    cells = [
+        {"key": f"c{i}", "name": f"etf={i}", "trial": trial, "data_root": "/data", "group": group}
+        for i, group in enumerate(["g", "g", None])
+    ]
+    settings = dict(
+        cells=cells,
+        space={"svsl.alpha": {"loguniform": [1e-6, 1e-3]}},
+        sampler="tpe",
+        seed=0,
+        trials_per_cell=3,
+        max_concurrent=2,
+        storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
+        sweep={"sweep_id": "s1", "tracking_uri": mlflow_uri(tmp_path), "experiment_id": "0"},
+        metric="test_acc",
+        mode="max",
+        bundle=4,
+    )
+    return CellSearcher(**(settings | overrides))
+
+
+def test_bundled_searcher_asks_and_tells_each_member_as_its_own_study_trial(tmp_path):
+    searcher = _searcher(tmp_path)
+    assert searcher.metric is None  # Tune would look for test_acc in results that hold m0:test_acc
+    first = searcher.suggest("a")["point"]
+    # Round-robin over the cells of one group: two study trials from each of c0 and c1.
+    assert [m["key"] for m in first["bundle"]] == ["c0-t0", "c1-t0", "c0-t1", "c1-t1"]
+    assert [m["tags"]["sweeper.study_trial"] for m in first["bundle"]] == ["0", "0", "1", "1"]
+    alphas = [m["trial"]["svsl"]["alpha"] for m in first["bundle"]]
+    assert len(set(alphas)) == 4 and all(1e-6 <= a <= 1e-3 for a in alphas)
+    searcher.save(str(tmp_path / "snapshot.pkl"))
+    # c2 trains alone (its architecture cannot bundle: group None), and the concurrency limit holds.
+    second = searcher.suggest("b")["point"]
+    assert "bundle" not in second and second["key"] == "c2-t0"
+    assert searcher.suggest("c") is None
+
+    searcher.on_trial_complete(
+        "a",
+        {
+            "m0:test_acc": 0.5,
+            "m1:test_acc": 0.7,
+            "m2:test_acc": 0.9,
+            "m2:error": "TrialDiverged: nan",
+            "m3:test_acc": float("nan"),
+        },
+    )
+    c0, c1 = searcher.study(0), searcher.study(1)
+    assert [(t.state, t.value) for t in c0.trials] == [(TrialState.COMPLETE, 0.5), (TrialState.FAIL, None)]
+    assert [(t.state, t.value) for t in c1.trials] == [(TrialState.COMPLETE, 0.7), (TrialState.FAIL, None)]
+
+    # A driver killed after "b" was asked but before the snapshot held it: the restored searcher marks
+    # c2's study trial an orphan, which does not count, so c2 asks again.
+    restored = _searcher(tmp_path)
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    again = restored.suggest("d")["point"]
+    orphan = restored.study(2).trials[0]
+    assert orphan.state == TrialState.FAIL and orphan.user_attrs[ORPHANED]
+    assert again["key"] == "c2-t1"
+    # The replayed bundle's members were told before the kill: completing it again changes nothing.
+    restored.on_trial_complete("a", {"m0:test_acc": 0.1, "m1:test_acc": 0.1})
+    assert [t.value for t in restored.study(0).trials] == [0.5, None]
 
 
 def test_asha_pruning_stops_trials_early_and_keeps_the_budget(tmp_path, local_ray):

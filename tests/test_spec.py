@@ -108,8 +108,12 @@ def test_overrides_and_name(tmp_path):
         ("name: t\nbundle: 0\n", r"spec.yaml: bundle: .*from 1 to 4096, or 'auto' \(got 0\)"),
         ("name: t\nbundle: some\n", r"spec.yaml: bundle: .*from 1 to 4096, or 'auto' \(got 'some'\)"),
         (
-            "name: t\nbundle: 4\nsearch: {space: {svsl.alpha: {uniform: [0, 1]}}}\n",
-            r"spec.yaml: .*bundle: a searched sweep trains each Optuna trial alone",
+            "name: t\nbundle: 4\nsearch: {space: {model.mlp.width: {int: [8, 64]}}}\n",
+            r"spec.yaml: .*search.space.model.mlp.width: bundled trials may search only seed, etf, svsl",
+        ),
+        (
+            "name: t\nbundle: auto\nsearch: {space: {svsl.alpha: {uniform: [0, 1]}}, prune: {}}\n",
+            r"spec.yaml: .*search.prune: ASHA stops whole Tune trials, not one member of a bundle",
         ),
         ("", r"spec.yaml: the spec is empty"),
         ("- a\n- b\n", r"spec.yaml: the spec must be a mapping"),
