@@ -342,22 +342,21 @@ def _trial_slots(loaded: LoadedSpec) -> int:
     return min(slots, limit) if limit else slots
 
 
-def _group(cfg: TrialConfig) -> str | None:
-    """Trials of one group may share a bundle (None: this architecture trains alone)."""
-    from trainables.bundle import BUNDLE_ARCHITECTURES, bundle_key
+def _group(cfg: TrialConfig) -> str:
+    """Trials of one group may share a bundle."""
+    from trainables.bundle import bundle_key
 
-    return f"{bundle_key(cfg)}|{data_root(cfg.data)}" if cfg.architecture in BUNDLE_ARCHITECTURES else None
+    return f"{bundle_key(cfg)}|{data_root(cfg.data)}"
 
 
 def bundle_points(
     points: list[dict[str, Any]], configs: list[TrialConfig], size: int | str, slots: int
 ) -> list[dict[str, Any]]:
     """Group grid points into trial bundles (trainables.bundle): points with the same bundle key, in grid
-    order, ``size`` at a time; ``auto`` splits each group evenly over ``slots`` concurrent trials. Points
-    of an architecture that cannot be bundled stay alone."""
+    order, ``size`` at a time; ``auto`` splits each group evenly over ``slots`` concurrent trials."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for point, cfg in zip(points, configs):
-        groups.setdefault(_group(cfg) or point["key"], []).append(point)
+        groups.setdefault(_group(cfg), []).append(point)
     out = []
     for members in groups.values():
         n = size if size != "auto" else math.ceil(len(members) / slots)
@@ -397,14 +396,14 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
             "name": t.run_name,
             "trial": t.config.model_dump(mode="json"),
             "data_root": str(data_root(t.config.data)),
-            "group": _group(t.config) if loaded.spec.bundle != 1 else None,
+            "group": _group(t.config),
         }
         for t in trials
     ]
     bundle = loaded.spec.bundle
     if bundle == "auto":
-        groups = [c["group"] for c in cells if c["group"] is not None]
-        largest = max((groups.count(g) for g in set(groups)), default=1)
+        groups = [c["group"] for c in cells]
+        largest = max(groups.count(g) for g in set(groups))
         bundle = auto_bundle_size(largest * search.optuna.trials_per_cell, _trial_slots(loaded))
     return CellSearcher(
         cells=cells,

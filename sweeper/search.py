@@ -75,8 +75,7 @@ class CellSearcher(Searcher):
     """Suggests trial configs for every grid cell from that cell's own Optuna study.
 
     ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``trial`` (its trial
-    config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle; None: never
-    bundled). ``space``: dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune
+    config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``: dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune
     trial (sweeper.orchestrate.bundle_point); the objective is then told per member, from the bundle's
     ``m<i>:<metric>`` results.
     """
@@ -198,8 +197,6 @@ class CellSearcher(Searcher):
             # Round-robin over cells, fewest asked first; a bundle fills up from cells of its first's group.
             if members:
                 group = self.cells[members[0][0]]["group"]
-                if group is None:
-                    break
                 open_cells = [i for i in open_cells if self.cells[i]["group"] == group]
             open_cells = [i for i in open_cells if used[i] < self.budget]
             if not open_cells:

@@ -108,7 +108,7 @@ def _searcher(tmp_path, **overrides):
     trial = {"svsl": {"alpha": 0.0, "gamma": 1}}
     cells = [
         {"key": f"c{i}", "name": f"etf={i}", "trial": trial, "data_root": "/data", "group": group}
-        for i, group in enumerate(["g", "g", None])
+        for i, group in enumerate(["g", "g", "h"])
     ]
     settings = dict(
         cells=cells,
@@ -136,9 +136,10 @@ def test_bundled_searcher_asks_and_tells_each_member_as_its_own_study_trial(tmp_
     alphas = [m["trial"]["svsl"]["alpha"] for m in first["bundle"]]
     assert len(set(alphas)) == 4 and all(1e-6 <= a <= 1e-3 for a in alphas)
     searcher.save(str(tmp_path / "snapshot.pkl"))
-    # c2 trains alone (its architecture cannot bundle: group None), and the concurrency limit holds.
+    # c2 is of another group (say another dataset): its study trials bundle only among themselves, up to
+    # its budget; then the concurrency limit holds.
     second = searcher.suggest("b")["point"]
-    assert "bundle" not in second and second["key"] == "c2-t0"
+    assert [m["key"] for m in second["bundle"]] == ["c2-t0", "c2-t1", "c2-t2"]
     assert searcher.suggest("c") is None
 
     searcher.on_trial_complete(
@@ -156,13 +157,13 @@ def test_bundled_searcher_asks_and_tells_each_member_as_its_own_study_trial(tmp_
     assert [(t.state, t.value) for t in c1.trials] == [(TrialState.COMPLETE, 0.7), (TrialState.FAIL, None)]
 
     # A driver killed after "b" was asked but before the snapshot held it: the restored searcher marks
-    # c2's study trial an orphan, which does not count, so c2 asks again.
+    # c2's study trials orphans, which do not count, so c2 asks its budget again.
     restored = _searcher(tmp_path)
     restored.restore(str(tmp_path / "snapshot.pkl"))
     again = restored.suggest("d")["point"]
-    orphan = restored.study(2).trials[0]
-    assert orphan.state == TrialState.FAIL and orphan.user_attrs[ORPHANED]
-    assert again["key"] == "c2-t1"
+    orphans = restored.study(2).trials[:3]
+    assert all(t.state == TrialState.FAIL and t.user_attrs[ORPHANED] for t in orphans)
+    assert [m["key"] for m in again["bundle"]] == ["c2-t3", "c2-t4", "c2-t5"]
     # The replayed bundle's members were told before the kill: completing it again changes nothing.
     restored.on_trial_complete("a", {"m0:test_acc": 0.1, "m1:test_acc": 0.1})
     assert [t.value for t in restored.study(0).trials] == [0.5, None]

@@ -26,14 +26,16 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainables.config import TrialConfig
 from trainables.data import load_splits
 from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
 
-BUNDLE_ARCHITECTURES = ("mlp", "convnet")
-"""Models whose forward pass is known to vmap (BatchNorm with stacked running statistics, no dropout)."""
+# Every architecture bundles: all forward passes vmap (BatchNorm with stacked running statistics, in-place
+# ReLU, attention; none uses dropout, which vmap would have to draw per member). A new model with dropout
+# needs ``vmap(..., randomness="different")`` and its own test first.
 
 VARYING = ("seed", "etf", "svsl", "train.optimizer", "train.schedule", "metrics")
 """Fields bundle members may differ in."""
@@ -68,11 +70,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_bundle(cfgs: list[TrialConfig]) -> None:
     if not cfgs:
         raise BundleError("a bundle needs at least one trial")
-    arch = cfgs[0].architecture
-    if arch not in BUNDLE_ARCHITECTURES:
-        raise BundleError(
-            f"architecture: '{arch}' cannot be bundled; allowed: {', '.join(BUNDLE_ARCHITECTURES)}"
-        )
     first = _flatten(cfgs[0].model_dump(mode="json"))
     key = bundle_key(cfgs[0])
     for cfg in cfgs[1:]:
@@ -188,7 +185,10 @@ class Bundle:
                 loss = loss + svsl_penalty(list(taps.values()), yb, num_classes, alpha, weights)
             return loss
 
-        return vmap(one)(self.stacked, x, y, self.alpha, self.tap_weights)
+        # Attention's fused kernels have no vmap batching rule (torch falls back to a loop over members);
+        # the math form is plain matmuls and softmax, which batch over members (ViT).
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(one)(self.stacked, x, y, self.alpha, self.tap_weights)
 
     def _sgd_step(self, lrs: torch.Tensor, first: bool) -> None:
         """torch.optim.SGD (dampening 0, no Nesterov) on stacked tensors, per-member hyper-parameters."""
