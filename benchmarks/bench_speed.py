@@ -33,6 +33,7 @@ import torch
 from bench_metrics import _median_time as _median  # the script's folder is on sys.path
 
 SEED000_MLP = {"preset": "seed000"}
+TRAIN = {"epochs": 300, "batch_size": 128, "optimizer": {"lr": 0.05}}
 DEVICE = "cpu"  # --device: the epoch and metric sections run on CUDA too (no Ray, no MLflow needed)
 
 
@@ -62,7 +63,7 @@ def trial_config(root: Path, **extra):
         "dataset": "mnist",
         "data": {"root": str(root), "download": False},
         "model": {"mlp": SEED000_MLP},
-        "train": {"epochs": 300, "batch_size": 128, "optimizer": {"lr": 0.05}},
+        "train": TRAIN,
         "device": DEVICE,
     }
     data.update(extra)
@@ -112,6 +113,14 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int]) -> list[tuple
     rows.append(
         ("trainer epoch (tensors in memory, randperm batches)", _median(trainer.train_epoch, repeats))
     )
+    # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
+    compiled = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
+    started = time.perf_counter()
+    compiled.train_epoch()
+    warm = time.perf_counter() - started
+    name = f"trainer epoch, compiled step (first epoch with compiling: {warm:.1f} s)"
+    rows.append((name, _median(compiled.train_epoch, repeats)))
+    del compiled
     for size in bundle_sizes:
         bundle = Bundle([trial_config(root, seed=s) for s in range(size)])
         bundle.train_epoch()

@@ -8,6 +8,7 @@ the running summary), plain tensors and containers so it loads with ``torch.load
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Protocol
 
@@ -20,6 +21,10 @@ from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import measure, metric_key
 from trainables.metrics import effective_depth
 from trainables.models import build_model, fix_layers, parameter_counts
+
+COMPILE_BACKEND = "inductor"
+"""torch.compile's backend for ``train.compile``; tests use ``aot_eager`` (the same graph capture and
+autograd, without generating code)."""
 
 INTERPOLATION_ACC = 0.995
 """Train accuracy that marks the interpolation threshold and the start of the terminal phase (004 §5.3)."""
@@ -53,6 +58,7 @@ class Trainer:
         # Layer name -> epoch it became ETF (0: from the start).
         self.etf_fixed = {name: 0 for name, layer in self.model.etf_candidates() if not _trainable(layer)}
         self._build_optimizer()
+        self.compiled_loss = self._compile()
         self.shuffle = torch.Generator(device=self.device).manual_seed(cfg.seed)
         subset = balanced_subset(
             self.data.y_train, self.data.num_classes, cfg.metrics.max_samples, cfg.data.split_seed
@@ -84,6 +90,40 @@ class Trainer:
             milestones=list(self.cfg.train.schedule.milestones),
             gamma=self.cfg.train.schedule.gamma,
         )
+
+    def _compile(self):
+        """The compiled forward + loss, or None (``train.compile``). Static shapes: an epoch has at most
+        two batch sizes, and each gets its own graph (a CUDA graph needs fixed shapes anyway)."""
+        mode = self.cfg.train.compile
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return None
+        # reduce-overhead: replay forward and backward as CUDA graphs, the launch-bound small models' lever.
+        graphs = self.device.type == "cuda" and COMPILE_BACKEND == "inductor"
+        return torch.compile(
+            self._loss, backend=COMPILE_BACKEND, mode="reduce-overhead" if graphs else None, dynamic=False
+        )
+
+    def _gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss and gradients of one mini-batch: compiled where it compiles, else eager."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled_loss is not None:
+            try:
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are spent
+                loss = self.compiled_loss(x, y)
+                loss.backward()
+                return loss
+            except Exception as err:  # a model or torch version the compiler cannot handle
+                print(
+                    f"warning: compiled training step failed, training eagerly from here: "
+                    f"{type(err).__name__}: {str(err)[:500]}",
+                    file=sys.stderr,
+                )
+                self.compiled_loss = None
+                self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss(x, y)
+        loss.backward()
+        return loss
 
     def _fix_now(self, name: str, layer: torch.nn.Linear) -> None:
         """Adaptive-ETF: fix a layer mid-training and drop its weight from the optimizer and its state."""
@@ -163,9 +203,7 @@ class Trainer:
             idx = perm[lo : lo + batch]
             if len(idx) < 2 and steps:  # BatchNorm cannot normalise a batch of one sample
                 continue
-            loss = self._loss(x[idx], y[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._gradients(x.index_select(0, idx), y.index_select(0, idx))
             self.optimizer.step()
             loss_sum += loss.detach()
             steps += 1

@@ -94,6 +94,8 @@ class TapAccumulator:
             ncc_means = ncc_means.to(device=self.device, dtype=torch.float64)
             self.ncc_means, self.ncc_classes = ncc_means, torch.arange(len(ncc_means), device=self.device)
         self.ncc_sq_norms = (self.ncc_means**2).sum(1)
+        # 2 mu_c^T, so pass 2 scales C x d numbers rather than N x d (exact: a power-of-two factor).
+        self.ncc_means_2t = 2.0 * self.ncc_means.T
 
         f64 = dict(dtype=torch.float64, device=self.device)
         self.within_sq = torch.zeros(self.num_classes, **f64)  # sum ||h - mu_y||^2 per class
@@ -131,7 +133,7 @@ class TapAccumulator:
                 diff32 = diff.float()
                 self.sketch_out += diff32.T @ (diff32 @ self.sketch_in)
             # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h.mu_c); ||h||^2 is common to all c.
-            dist = self.ncc_sq_norms - 2.0 * block @ self.ncc_means.T
+            dist = self.ncc_sq_norms - block @ self.ncc_means_2t
             ncc = self.ncc_classes[dist.argmin(1)]
             self.ncc_correct += (ncc == yb).sum()
             if predictions is not None:
