@@ -3,7 +3,8 @@
 Sections (each prints one Markdown table; ratios compare numbers from this run only):
 - ``epoch``: one training epoch of the trainer (device-resident tensors, randperm batches) against the
   torchvision-style loop it replaces (``torchvision.datasets.MNIST`` with per-sample ``ToTensor`` +
-  ``Normalize`` in a ``DataLoader``), same model, optimizer and batch size; plus trial bundles (per model).
+  ``Normalize`` in a ``DataLoader``), same model, optimizer and batch size; plus the compiled step
+  (``train.compile: on``) and trial bundles (per model).
 - ``metrics``: the per-epoch measurement with every NC metric (metric subset of the train split + test
   split) against the epoch; and the same pass without NC metrics.
 - ``mlflow``: logging one epoch's metrics (one ``log_batch`` to a SQLite store, as trials do) against
@@ -15,7 +16,7 @@ The data are MNIST-format IDX files written here (class templates plus noise, 28
 torchvision's own MNIST class in both loops, since these machines cannot download MNIST.
 
 Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,sweep]``. ``--quick``
-is the CI-sized form (3,000 training samples instead of 60,000). Nothing is asserted.
+is the CI-sized form (3,000 training samples instead of 60,000, no compiled step). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:
     return _median(epoch, repeats)
 
 
-def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int]) -> list[tuple[str, float]]:
+def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], compiled: bool) -> list[tuple[str, float]]:
     from trainables.bundle import Bundle
     from trainables.loop import Trainer
 
@@ -113,14 +114,14 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int]) -> list[tuple
     rows.append(
         ("trainer epoch (tensors in memory, randperm batches)", _median(trainer.train_epoch, repeats))
     )
-    # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
-    compiled = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
-    started = time.perf_counter()
-    compiled.train_epoch()
-    warm = time.perf_counter() - started
-    name = f"trainer epoch, compiled step (first epoch with compiling: {warm:.1f} s)"
-    rows.append((name, _median(compiled.train_epoch, repeats)))
-    del compiled
+    if compiled:
+        # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
+        trainer = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
+        started = time.perf_counter()
+        trainer.train_epoch()
+        warm = time.perf_counter() - started
+        name = f"trainer epoch, compiled step (first epoch with compiling: {warm:.1f} s)"
+        rows.append((name, _median(trainer.train_epoch, repeats)))
     for size in bundle_sizes:
         bundle = Bundle([trial_config(root, seed=s) for s in range(size)])
         bundle.train_epoch()
@@ -249,7 +250,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_mnist(Path(tmp), n_train, n_test)
         if "epoch" in sections:
-            rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16])
+            # Compiling (~20 s on 2 CPU cores) would outlast the CI-sized run itself: full runs only.
+            rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16], compiled=not args.quick)
             trainer = next(t for name, t in rows if name.startswith("trainer"))
             print("| loop | s/epoch | vs trainer |\n| --- | ---: | ---: |")
             for name, t in rows:

@@ -126,7 +126,8 @@ def check_resources(loaded: LoadedSpec, trials: list[PlannedTrial], address: str
     from trainables.memory import estimate_bytes
 
     total = torch.cuda.get_device_properties(0).total_memory
-    members = spec.bundle if isinstance(spec.bundle, int) else 1
+    slots = trial_slots(loaded, {"GPU": torch.cuda.device_count(), "CPU": os.cpu_count() or 1})
+    members = members_per_trial(loaded, trials, slots)
     needs = {t.run_name: estimate_bytes(t.config, members) for t in trials}
     name, worst = max(needs.items(), key=lambda kv: kv[1])
     if worst > gpu * total:
@@ -327,11 +328,15 @@ def _explicit_optuna_storage(loaded: LoadedSpec) -> bool:
 
 
 def _trial_slots(loaded: LoadedSpec) -> int:
-    """How many trials the cluster runs at once: its CPUs (or GPUs) over one trial's share."""
     import ray
 
+    return trial_slots(loaded, ray.cluster_resources())
+
+
+def trial_slots(loaded: LoadedSpec, total: dict[str, float]) -> int:
+    """How many trials a cluster with ``total`` resources runs at once: its CPUs (or GPUs) over one
+    trial's share, capped by the spec's concurrency limit."""
     spec = loaded.spec
-    total = ray.cluster_resources()
     slots = (
         total.get("GPU", 0) / spec.resources.gpu
         if spec.resources.gpu
@@ -340,6 +345,23 @@ def _trial_slots(loaded: LoadedSpec) -> int:
     slots = max(1, int(slots))
     limit = spec.search.optuna.max_concurrent if spec.search else spec.max_concurrent
     return min(slots, limit) if limit else slots
+
+
+def members_per_trial(loaded: LoadedSpec, trials: list[PlannedTrial], slots: int) -> int:
+    """The most trials one Tune trial trains together (its bundle size), for the memory check before a
+    packed sweep: as :func:`bundle_points` (grid) or the searcher (``search``) will size bundles."""
+    spec = loaded.spec
+    if spec.bundle == 1:
+        return 1
+    from collections import Counter
+
+    largest = max(Counter(_group(t.config) for t in trials).values())
+    if spec.search:
+        from sweeper.search import auto_bundle_size
+
+        asks = largest * spec.search.optuna.trials_per_cell
+        return min(asks, spec.bundle if spec.bundle != "auto" else auto_bundle_size(asks, slots))
+    return min(largest, spec.bundle if spec.bundle != "auto" else math.ceil(largest / slots))
 
 
 def _group(cfg: TrialConfig) -> str:
@@ -387,7 +409,7 @@ def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:
 
 
 def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], storage_url: str):
-    from sweeper.search import CellSearcher, auto_bundle_size
+    from sweeper.search import CellSearcher
 
     search = loaded.spec.search
     cells = [
@@ -400,11 +422,6 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
         }
         for t in trials
     ]
-    bundle = loaded.spec.bundle
-    if bundle == "auto":
-        groups = [c["group"] for c in cells]
-        largest = max(groups.count(g) for g in set(groups))
-        bundle = auto_bundle_size(largest * search.optuna.trials_per_cell, _trial_slots(loaded))
     return CellSearcher(
         cells=cells,
         space={path: dist.as_spec() for path, dist in search.space.items()},
@@ -416,7 +433,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
         sweep=sweep_ctx,
         metric=loaded.spec.objective.metric,
         mode=loaded.spec.objective.mode,
-        bundle=bundle,
+        bundle=members_per_trial(loaded, trials, _trial_slots(loaded)),
     )
 
 

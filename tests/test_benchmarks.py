@@ -32,7 +32,6 @@ def test_speed_benchmark_runs_in_ci_size():
     out = proc.stdout
     for row in (
         "| trainer epoch",
-        "| trainer epoch, compiled step",
         "| bundle of 4, per model",
         "| DataLoader loop",
         "metric / epoch",

@@ -207,3 +207,36 @@ def test_plan_text(capsys):
     assert main(["plan", str(QUICKSTART)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and "trainable_params=" in lines[0]
+
+
+def test_bundle_sizes_for_the_memory_check_before_a_packed_sweep(tmp_path):
+    """The memory check before a packed sweep sizes bundles as the sweep will: the grid splits each group
+    over the slots, a search asks a quarter of that (sweeper.search.AUTO_ROUNDS)."""
+    from sweeper.orchestrate import bundle_points, members_per_trial, trial_slots
+
+    grid = "name: t\ngrid: {seed: [0, 1, 2, 3, 4, 5], dataset: [gaussian, digits]}\nresources: {gpu: 0.25}\n"
+    one_gpu = {"GPU": 1, "CPU": 2}
+    sizes = {}
+    for bundle in ("auto", 4, 1):
+        loaded = load_spec(write(tmp_path, grid + f"bundle: {bundle}\n"))
+        trials = expand(loaded)
+        slots = trial_slots(loaded, one_gpu)
+        assert slots == 4  # four quarter-GPU trials
+        sizes[bundle] = members_per_trial(loaded, trials, slots)
+        points = [
+            {"key": t.key, "name": t.run_name, "order": f"{t.index:06d}", "data_root": "/d"} for t in trials
+        ]
+        made = bundle_points(points, [t.config for t in trials], bundle, slots) if bundle != 1 else points
+        assert max(len(p.get("bundle", [p])) for p in made) == sizes[bundle]
+    # Two groups (datasets) of 6 seeds: auto puts 6 over 4 slots, 2 per bundle.
+    assert sizes == {"auto": 2, 4: 4, 1: 1}
+
+    search = (
+        "name: t\ngrid: {seed: [0, 1]}\nresources: {gpu: 0.25}\nbundle: auto\n"
+        "search: {optuna: {trials_per_cell: 10, max_concurrent: 2}, space: {svsl.alpha: {uniform: [0, 1]}}}\n"
+    )
+    loaded = load_spec(write(tmp_path, search))
+    slots = trial_slots(loaded, one_gpu)
+    assert slots == 2  # the search's own concurrency limit
+    # 2 cells x 10 trials in one group over 2 slots, in at least 4 rounds: ceil(20 / 8).
+    assert members_per_trial(loaded, expand(loaded), slots) == 3
