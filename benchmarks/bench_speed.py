@@ -9,14 +9,17 @@ Sections (each prints one Markdown table; ratios compare numbers from this run o
   split) against the epoch; and the same pass without NC metrics.
 - ``mlflow``: logging one epoch's metrics (one ``log_batch`` to a SQLite store, as trials do) against
   the epoch.
+- ``throughput``: trials per hour of seed 000's protocol (300 epochs, metrics every epoch): one trial,
+  several packed on the device as separate processes, bundles (no Ray: the GPU machines have none).
 - ``sweep``: the wall time of a real local Ray sweep against its ideal, the sum of its trials' own run
   times (MLflow start to end) over the trials that fit at once.
 
 The data are MNIST-format IDX files written here (class templates plus noise, 28 x 28 uint8), read by
 torchvision's own MNIST class in both loops, since these machines cannot download MNIST.
 
-Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,sweep]``. ``--quick``
-is the CI-sized form (3,000 training samples instead of 60,000, no compiled step). Nothing is asserted.
+Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,throughput,sweep]``. ``--quick``
+is the CI-sized form (3,000 training samples instead of 60,000, fewer rows, no compiled step). Nothing is
+asserted.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:
     return _median(epoch, repeats)
 
 
-def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], compiled: bool) -> list[tuple[str, float]]:
+def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], quick: bool) -> list[tuple[str, float]]:
     from trainables.bundle import Bundle
     from trainables.loop import Trainer
 
@@ -114,7 +117,7 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], compiled: boo
     rows.append(
         ("trainer epoch (tensors in memory, randperm batches)", _median(trainer.train_epoch, repeats))
     )
-    if compiled:
+    if not quick:  # compiling (~20 s on 2 CPU cores) would outlast the CI-sized run itself
         # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
         trainer = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
         started = time.perf_counter()
@@ -128,9 +131,92 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], compiled: boo
         per_model = _median(lambda b=bundle: b.train_epoch().tolist(), repeats) / size
         rows.append((f"bundle of {size}, per model", per_model))
     del trainer, bundle
-    for workers in (0, 2):
+    for workers in (0,) if quick else (0, 2):
         name = f"DataLoader loop, torchvision transforms, {workers} workers"
         rows.append((name, dataloader_epoch(root, workers, repeats)))
+    return rows
+
+
+PROTOCOL_EPOCHS = 300
+"""Seed 000's MLP protocol: 300 epochs, every NC metric every epoch (issue 8's trials-per-hour unit)."""
+
+
+class _BundleEpochTimes:
+    """Every bundle member's reporter: a member's epoch time runs from the bundle's epoch start, so the
+    last member's is the bundle's."""
+
+    def __init__(self, times: dict[int, float]) -> None:
+        self.times = times
+
+    def report(self, epoch, metrics, state) -> None:
+        self.times[epoch] = max(self.times.get(epoch, 0.0), metrics["epoch_time_s"])
+
+
+def bench_throughput(root: Path, epochs: int, packs: list[int], bundles: list[int]) -> list[dict]:
+    """Trials per hour of seed 000's protocol on this device, extrapolated from ``epochs`` measured epochs
+    (each with its full NC metric pass): per-trial time = start-up + 300 x the median epoch after the
+    first. ``packs``: that many ``python -m trainables`` processes at once, the Ray-free trial a Tune
+    worker runs (1 = one trial per device; more = fractional packing, each process on the same device).
+    ``bundles``: trial bundles of that many seeds in one process. No Ray or MLflow in either."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from trainables.bundle import Bundle
+
+    rows = []
+    trial = root / "throughput-trial.yaml"
+    trial.write_text(
+        yaml.safe_dump(trial_config(root, train={**TRAIN, "epochs": epochs}).model_dump(mode="json"))
+    )
+    cores = os.cpu_count() or 1
+    for k in packs:
+        # On a CPU the k processes share its cores, as Ray's per-trial OMP_NUM_THREADS would make them.
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // k))}
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "trainables", str(trial)], stdout=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(k)
+        ]
+        epoch_times, startups = [], []
+        for proc in procs:
+            lines = [json.loads(line) for line in proc.stdout if line.startswith('{"epoch"')]
+            if proc.wait() != 0:
+                raise RuntimeError(f"python -m trainables failed with exit code {proc.returncode}")
+            epoch_times.append(statistics.median(r["epoch_time_s"] for r in lines[1:]))
+            startups.append(lines[0]["epoch_time_s"])  # the first epoch: warm-up (compiling on CUDA)
+        wall = time.perf_counter() - started
+        epoch_s = statistics.median(epoch_times)
+        # Start-up: what the wall took beyond the epochs (process start, imports, data, first epoch).
+        startup = max(0.0, wall - (epochs - 1) * epoch_s)
+        per_trial = startup + PROTOCOL_EPOCHS * epoch_s
+        how = "one trial" if k == 1 else f"{k} trials packed (separate processes)"
+        rows.append(
+            {"how": how, "at_once": k, "epoch": epoch_s, "startup": startup, "per_hour": k * 3600 / per_trial}
+        )
+    for m in bundles:
+        started = time.perf_counter()
+        bundle = Bundle([trial_config(root, seed=s, train={**TRAIN, "epochs": epochs}) for s in range(m)])
+        times: dict[int, float] = {}
+        bundle.run([_BundleEpochTimes(times) for _ in range(m)])
+        wall = time.perf_counter() - started
+        epoch_s = statistics.median(times[e] for e in sorted(times)[1:])
+        startup = max(0.0, wall - (epochs - 1) * epoch_s)
+        per_bundle = startup + PROTOCOL_EPOCHS * epoch_s
+        rows.append(
+            {
+                "how": f"bundle of {m}",
+                "at_once": m,
+                "epoch": epoch_s,
+                "startup": startup,
+                "per_hour": m * 3600 / per_bundle,
+            }
+        )
     return rows
 
 
@@ -233,7 +319,7 @@ def bench_sweep(root: Path, trials: int, epochs: int, bundle: int | str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized: 3,000 training samples")
-    parser.add_argument("--sections", default="epoch,metrics,mlflow,sweep")
+    parser.add_argument("--sections", default="epoch,metrics,mlflow,throughput,sweep")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (epoch and metrics sections)")
     args = parser.parse_args()
@@ -250,8 +336,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_mnist(Path(tmp), n_train, n_test)
         if "epoch" in sections:
-            # Compiling (~20 s on 2 CPU cores) would outlast the CI-sized run itself: full runs only.
-            rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16], compiled=not args.quick)
+            rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16], args.quick)
             trainer = next(t for name, t in rows if name.startswith("trainer"))
             print("| loop | s/epoch | vs trainer |\n| --- | ---: | ---: |")
             for name, t in rows:
@@ -272,6 +357,22 @@ def main() -> None:
             print("| train epoch (s) | MLflow log_batch per epoch (s) | log / epoch | metrics per epoch |")
             print("| ---: | ---: | ---: | ---: |")
             print(f"| {m['epoch']:.3f} | {m['log']:.4f} | {m['log'] / m['epoch']:.1%} | {m['keys']} |\n")
+        if "throughput" in sections:
+            epochs = 2 if args.quick else 4
+            packs, bundles = ([2], [2]) if args.quick else ([1, 2, 4], [4, 16])
+            if DEVICE == "cuda":
+                packs, bundles = [1, 4, 8], [16, 64, 256]
+            rows = bench_throughput(root, epochs, packs, bundles)
+            print(
+                f"| seed 000 protocol ({PROTOCOL_EPOCHS} epochs, metrics every epoch) | trials at once | "
+                "s/epoch (with metrics) | start-up (s) | trials/hour |"
+            )
+            print("| --- | ---: | ---: | ---: | ---: |")
+            for r in rows:
+                print(
+                    f"| {r['how']} | {r['at_once']} | {r['epoch']:.3f} | {r['startup']:.1f} | {r['per_hour']:.1f} |"
+                )
+            print()
         if "sweep" in sections:
             trials, epochs = (4, 3) if args.quick else (8, 20)
             print(

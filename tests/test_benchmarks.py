@@ -22,7 +22,7 @@ def test_speed_benchmark_runs_in_ci_size():
             "--repeats",
             "1",
             "--sections",
-            "epoch,metrics,mlflow",
+            "epoch,metrics,mlflow,throughput",
         ],
         capture_output=True,
         text=True,
@@ -36,5 +36,7 @@ def test_speed_benchmark_runs_in_ci_size():
         "| DataLoader loop",
         "metric / epoch",
         "log / epoch",
+        "| 2 trials packed (separate processes) | 2 |",
+        "| bundle of 2 | 2 |",
     ):
         assert row in out, out
