@@ -75,8 +75,9 @@ class CellSearcher(Searcher):
     """Suggests trial configs for every grid cell from that cell's own Optuna study.
 
     ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``trial`` (its trial
-    config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``: dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune
-    trial (sweeper.orchestrate.bundle_point); the objective is then told per member, from the bundle's
+    config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``:
+    dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune trial
+    (sweeper.orchestrate.bundle_point); the objective is then told per member, from the bundle's
     ``m<i>:<metric>`` results.
     """
 

@@ -19,9 +19,16 @@ def _compiled(variant: dict) -> dict:
 
 @pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[3]], ids=["baseline", "adaptive-etf"])
 def test_compiled_step_trains_as_eager(monkeypatch, variant):
-    # Adaptive-ETF turns a weight into a buffer mid-training: the step must recompile, not go on with
-    # the old graph that still updates it.
-    monkeypatch.setattr(trainables.loop, "COMPILE_BACKEND", "aot_eager")
+    from torch._dynamo.backends.registry import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+    graphs = []
+
+    def counting_aot_eager(graph, example_inputs):
+        graphs.append(graph)
+        return aot_eager(graph, example_inputs)
+
+    monkeypatch.setattr(trainables.loop, "COMPILE_BACKEND", counting_aot_eager)
     eager = Recorder()
     Trainer(_cfg(variant)).run(eager)
     trainer = Trainer(_cfg(_compiled(variant)))
@@ -29,8 +36,13 @@ def test_compiled_step_trains_as_eager(monkeypatch, variant):
     trainer.run(compiled)
     assert trainer.compiled_loss is not None  # it really trained compiled, to the end
     _assert_same_history(eager.rows, compiled.rows)
+    # The gaussian split's 120 samples in batches of 16 end in a batch of 8: two static-shape graphs.
+    assert len(graphs) >= 2
     if "etf" in variant:
+        # Adaptive-ETF turns a weight into a buffer mid-training: the step recompiled rather than go on
+        # with the old graph, which still updates it.
         assert compiled.rows[-1]["etf_layers"] >= 1
+        assert len(graphs) > 2
 
 
 def test_a_step_that_fails_to_compile_trains_eagerly(monkeypatch, capsys):

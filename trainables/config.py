@@ -165,7 +165,7 @@ class TrainConfig(Frozen):
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the forward pass and loss with ``torch.compile`` (on CUDA in ``reduce-overhead`` mode: the
     forward and backward replay as CUDA graphs, issue 8). ``auto``: on CUDA only; on CPU it measured no
-    faster than eager and costs ~30 s of compiling per trial (benchmarks/RESULTS.md). A step that fails to
+    faster than eager and costs about 20 s of compiling per trial (benchmarks/RESULTS.md). A step that fails to
     compile trains eagerly, with a warning. Trial bundles do not compile."""
 
 
