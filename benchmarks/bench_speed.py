@@ -6,7 +6,8 @@ Sections (each prints one Markdown table; ratios compare numbers from this run o
   ``Normalize`` in a ``DataLoader``), same model, optimizer and batch size; plus the compiled step
   (``train.compile: on``) and trial bundles (per model).
 - ``metrics``: the per-epoch measurement with every NC metric (metric subset of the train split + test
-  split) against the epoch; and the same pass without NC metrics.
+  split) against the epoch; and the same pass without NC metrics; a bundle's metric pass per member,
+  members one at a time against the stacked pass.
 - ``mlflow``: logging one epoch's metrics (one ``log_batch`` to a SQLite store, as trials do) against
   the epoch.
 - ``throughput``: trials per hour of seed 000's protocol (300 epochs, metrics every epoch): one trial,
@@ -245,6 +246,56 @@ def bench_metrics(root: Path, repeats: int) -> dict[str, float]:
     }
 
 
+NOT_KERNELS = set(
+    "as_strided as_strided_ view reshape _reshape_alias _unsafe_view expand transpose t mT unsqueeze squeeze "
+    "select slice permute diagonal alias detach resolve_conj resolve_neg empty empty_strided empty_like "
+    "lift_fresh to result_type scalar_tensor _local_scalar_dense item".split()
+)
+"""aten operators that launch no kernel: views, allocation, no-op conversions, host-side scalars."""
+
+
+def bench_bundle_metrics(root: Path, repeats: int, size: int) -> dict[str, float]:
+    """A bundle's metric pass per member: each member measured alone in turn (before the stacked pass)
+    against all members in one stacked pass (``Bundle.measure``), in time and in aten operators
+    that compute (each a kernel launch on a GPU, where small models are launch-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainables.bundle import Bundle
+    from trainables.measure import measure
+
+    bundle = Bundle([trial_config(root, seed=s) for s in range(size)])
+    bundle.train_epoch()
+    bundle._unstack()  # the members' own modules, for measuring them one at a time
+    batch = bundle.cfgs[0].metrics.batch_size
+    members = list(range(size))
+
+    def one_at_a_time():
+        return [measure(m.model, m.splits, 10, batch_size=batch, collapse=True) for m in bundle.members]
+
+    def stacked():
+        return bundle.measure(members)
+
+    def operators(fn) -> int:
+        """Leaf aten operators that compute: on a GPU, each is a kernel launch."""
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(
+            1
+            for e in prof.events()
+            if e.name.startswith("aten::")
+            and e.name[6:] not in NOT_KERNELS
+            and not any(c.name.startswith("aten::") for c in e.cpu_children)
+        )
+
+    one_at_a_time(), stacked()  # warm-up
+    return {
+        "alone": _median(one_at_a_time, repeats) / size,
+        "stacked": _median(stacked, repeats) / size,
+        "alone_ops": operators(one_at_a_time) / size,
+        "stacked_ops": operators(stacked) / size,
+    }
+
+
 def bench_mlflow(root: Path, repeats: int) -> dict[str, float]:
     import mlflow  # noqa: F401  (import cost outside the timing)
     from mlflow.tracking import MlflowClient
@@ -351,6 +402,17 @@ def main() -> None:
             print(
                 f"| {m['epoch']:.3f} | {m['full']:.3f} | {m['full'] / m['epoch']:.1%} | {m['plain']:.3f} | "
                 f"{m['train_subset']:,} + {m['test']:,} | {m['keys']} |\n"
+            )
+            size = 4 if args.quick else 16 if DEVICE == "cpu" else 64
+            b = bench_bundle_metrics(root, args.repeats, size)
+            print(
+                f"| bundle of {size}: metric pass per member | one member at a time | stacked | ratio |\n"
+                "| --- | ---: | ---: | ---: |"
+            )
+            print(f"| time (s) | {b['alone']:.3f} | {b['stacked']:.3f} | {b['alone'] / b['stacked']:.2f}x |")
+            print(
+                f"| aten kernels (leaf operators that compute) | {b['alone_ops']:,.0f} | {b['stacked_ops']:,.0f} | "
+                f"{b['alone_ops'] / b['stacked_ops']:.1f}x |\n"
             )
         if "mlflow" in sections:
             m = bench_mlflow(root, args.repeats)

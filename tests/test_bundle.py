@@ -73,6 +73,34 @@ def test_bundled_members_match_trials_trained_alone():
     assert recorders[2].rows[0]["lr"] == 0.02 and recorders[3].rows[-1]["lr"] == pytest.approx(0.005)
 
 
+def test_bundle_measures_its_members_together(monkeypatch):
+    """One stacked metric pass per epoch for the members that measure alike, in chunks the memory budget
+    allows, with every member's numbers those of the trial alone."""
+    import trainables.bundle
+    import trainables.memory
+
+    calls = []
+    stacked = trainables.bundle.measure_stack
+
+    def recording(stack, *args, collapse, **kwargs):
+        calls.append((stack.members, collapse))
+        return stacked(stack, *args, collapse=collapse, **kwargs)
+
+    monkeypatch.setattr(trainables.bundle, "measure_stack", recording)
+    monkeypatch.setattr(trainables.memory, "members_measured_together", lambda cfg, members: 2)
+    cfgs = [_cfg(VARIANTS[0]), _cfg(VARIANTS[1]), _cfg({**VARIANTS[2], "metrics": {"every": 2}})]
+    recorders = [Recorder() for _ in cfgs]
+    Bundle(cfgs).run(recorders)
+    # Odd epochs: members 0 and 1 take NC metrics, member 2 accuracy and loss only; even epochs: all
+    # three, in chunks of two.
+    assert calls == [(2, True), (1, False), (2, True), (1, True)] * 2
+    for cfg, recorder in zip(cfgs, recorders):
+        alone = Recorder()
+        Trainer(cfg).run(alone)
+        _assert_same_history(alone.rows, recorder.rows)
+    assert "nc1/train/fc1" not in recorders[2].rows[0] and "nc1/train/fc1" in recorders[2].rows[1]
+
+
 IMAGE_MODELS = {
     "resnet18": {"resnet": {"stem": "imagenet"}},  # 8 x 8 digits end as 2 x 2 maps: narrow taps, fast
     "vit": {"vit": {"width": 32, "depth": 2, "heads": 4, "fc_width": 64, "patch_size": 4}},

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from tests.nc_reference import reference_metrics, simplex_etf_features
 from trainables import metrics as nc
-from trainables.metrics import DegenerateFeaturesError, TapAccumulator, effective_depth, layer_metrics
+from trainables.metrics import (
+    GRAM_MAX_WIDTH,
+    DegenerateFeaturesError,
+    TapAccumulator,
+    effective_depth,
+    layer_metrics,
+)
 
 
 def _random_case(seed, n, d, c, *, unbalanced=False, spread=1.0):
@@ -233,3 +239,59 @@ def test_effective_depth():
     assert effective_depth([0.5, 0.85, 0.95, 0.99], 0.01) == 4
     assert effective_depth([0.5, 0.6], 0.1) == 2
     assert effective_depth([0.9, 0.95], 0.1) == 1
+
+
+@pytest.mark.parametrize("d", [20, 3000], ids=["exact Gram", "wide tap, sketch"])
+def test_stacked_members_equal_each_model_alone(d):
+    """A trial bundle's metric pass: members stacked on a leading axis give, member by member, what
+    each model's features give alone, and a degenerate member drops out without touching the others."""
+    c, n, m = 5, 240, 4
+    rng = np.random.default_rng(d)
+    y = torch.tensor(np.arange(n) % c)
+    h = torch.tensor(rng.standard_normal((m, n, d)) + 3 * rng.standard_normal((m, c, d))[:, y])
+    h[2] = float("nan")  # member 2 diverged
+    pred = torch.tensor(rng.integers(0, c, size=(m, n)))
+    classifier = torch.tensor(rng.standard_normal((m, c, d)))
+    next_weight = torch.tensor(rng.standard_normal((m, 7, d)))
+    train_means = torch.tensor(rng.standard_normal((m, c, d)))
+
+    acc = TapAccumulator(c, d, members=m)
+    for lo in range(0, n, 100):  # streamed in chunks, as the training loop does
+        acc.add_pass1(h[:, lo : lo + 100], y[lo : lo + 100])
+    acc.end_pass1(train_means)
+    for lo in range(0, n, 70):
+        acc.add_pass2(h[:, lo : lo + 70], y[lo : lo + 70], pred[:, lo : lo + 70])
+    stacked = acc.result(classifier=classifier, next_weight=next_weight)
+
+    assert list(acc.degenerate) == [2] and "NaN" in acc.degenerate[2]
+    assert stacked[2] is None
+    for i in (0, 1, 3):
+        alone = layer_metrics(
+            h[i],
+            y,
+            c,
+            predictions=pred[i],
+            classifier=classifier[i],
+            next_weight=next_weight[i],
+            means=train_means[i],
+        )
+        assert set(stacked[i]) == set(alone)
+        for key in alone:
+            # The wide tap's sketch products run in float32, where a batched product rounds differently.
+            rel = 1e-5 if key == "stable_rank" and d > GRAM_MAX_WIDTH else 1e-10
+            assert stacked[i][key] == pytest.approx(alone[key], rel=rel, abs=1e-12), (i, key)
+
+
+def test_stacked_members_with_coinciding_class_means_are_left_out():
+    h = torch.randn(3, 40, 6, dtype=torch.float64)
+    h[1] = 1.0  # constant features: every class mean is the same
+    acc = TapAccumulator(2, 6, members=3)
+    y = torch.arange(40) % 2
+    acc.add_pass1(h, y)
+    acc.end_pass1()
+    acc.add_pass2(h, y)
+    out = acc.result()
+    assert out[1] is None and "coincide" in acc.degenerate[1]
+    assert out[0] == pytest.approx(layer_metrics(h[0], y, 2)) and out[2] == pytest.approx(
+        layer_metrics(h[2], y, 2)
+    )

@@ -6,8 +6,8 @@ parameters and buffers are stacked along a leading member axis (``torch.func.sta
 forward pass is ``vmap(functional_call)`` over them. Each member is still a whole :class:`Trainer`: its
 own seed (initialisation and shuffling), ETF layers, SVSL alpha/gamma, optimizer settings and schedule,
 metrics, summary and checkpoint (``Trainer.state_dict``, the same format as a trial trained alone, so a
-member's checkpoint slice resumes alone too). Only the training steps run stacked; after each epoch the
-stacked values are copied into the members' own modules, which measure exactly as a lone trial does.
+member's checkpoint slice resumes alone too). The training steps and the metric pass (:meth:`Bundle.measure`)
+run stacked; a member's own module receives its slices when it checkpoints.
 
 What must agree within a bundle (:func:`bundle_key`): everything but ``seed``, ``etf``, ``svsl``,
 ``train.optimizer``, ``train.schedule`` and ``metrics``. The SGD step below is torch's SGD (momentum,
@@ -32,6 +32,7 @@ from trainables.config import TrialConfig
 from trainables.data import load_splits
 from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
+from trainables.measure import ModelStack, measure_stack
 
 # Every architecture bundles: all forward passes vmap (BatchNorm with stacked running statistics, in-place
 # ReLU, attention; none uses dropout, which vmap would have to draw per member). A new model with dropout
@@ -143,7 +144,7 @@ class Bundle:
         self.alpha = torch.tensor([c.svsl.alpha for c in self.cfgs], device=dev)
 
     def _unstack(self) -> None:
-        """Copy the stacked values into each member's own module, which measures them."""
+        """Copy the stacked values into each member's own module, whose state its checkpoint holds."""
         with torch.no_grad():
             for i, member in enumerate(self.members):
                 tensors = dict(member.model.named_parameters()) | dict(member.model.named_buffers())
@@ -170,6 +171,78 @@ class Bundle:
                 self.mask[n][i] = False
                 if self.momentum.get(n) is not None:
                     self.momentum[n][i] = 0
+
+    # ---- measuring ----------------------------------------------------------------------------------
+    def measure(self, live: list[int]) -> dict[int, dict[str, float]]:
+        """This epoch's measurement of the ``live`` members, taken together (:func:`measure_stack`).
+
+        Members measure together when they agree on what to measure this epoch (``metrics`` may differ
+        within a bundle); each group goes in chunks of :func:`trainables.memory.members_measured_together`
+        members, so the stacked pass stays within the memory the sweep's packing check counted."""
+        from trainables.memory import members_measured_together
+
+        groups: dict[tuple, list[int]] = {}
+        for i in live:
+            member = self.members[i]
+            metrics = member.cfg.metrics
+            key = (member.collapse_due(member.epoch + 1), metrics.max_samples, metrics.batch_size)
+            groups.setdefault(key, []).append(i)
+        chunk = members_measured_together(self.cfgs[0], len(live))
+        measured: dict[int, dict[str, float]] = {}
+        self.template.eval()
+        try:
+            for (collapse, _, batch_size), indices in groups.items():
+                for lo in range(0, len(indices), chunk):
+                    part = indices[lo : lo + chunk]
+                    values = measure_stack(
+                        self._model_stack(part),
+                        self.members[part[0]].splits,
+                        self.data.num_classes,
+                        batch_size=batch_size,
+                        collapse=collapse,
+                        loss=self.cfgs[0].train.loss,
+                        labels=[f"member {i} (seed {self.cfgs[i].seed})" for i in part],
+                    )
+                    measured.update(zip(part, values))
+        finally:
+            self.template.train()
+        return measured
+
+    def _model_stack(self, members: list[int]) -> ModelStack:
+        """The stacked models of ``members`` as the metric pass sees them (their slices, no copies when
+        all members are measured together)."""
+        if members == list(range(len(self.members))):
+            tensors = self.stacked
+        else:
+            index = torch.tensor(members, device=self.device)
+            tensors = {n: t.index_select(0, index) for n, t in self.stacked.items()}
+        params = {f"model.{n}": t for n, t in tensors.items()}
+
+        def one(p: dict[str, torch.Tensor], x: torch.Tensor):
+            return functional_call(self.template, p, (x,))
+
+        def forward(x: torch.Tensor, taps: bool):
+            # As in training, attention in its math form, which batches over members; in eval mode without
+            # gradients nn.MultiheadAttention would take its fused fast path, which has no batching rule.
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                with sdpa_kernel(SDPBackend.MATH):
+                    logits, out = vmap(one, in_dims=(0, None))(params, x)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+            return logits, out if taps else {}
+
+        # The weights the metrics read, found by name in the first member's model.
+        model = self.members[0].model
+        name_of = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        return ModelStack(
+            forward=forward,
+            members=len(members),
+            classifier=tensors[name_of[id(model.classifier.weight)]],
+            consumers={k: tensors[name_of[id(w)]] for k, w in model.consumer_weights().items()},
+            penultimate=model.penultimate,
+        )
 
     # ---- training -----------------------------------------------------------------------------------
     def _losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -246,22 +319,27 @@ class Bundle:
             lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
             known = [{n for n, p in m.model.named_parameters() if p.requires_grad} for m in self.members]
             losses = self.train_epoch().tolist()  # the epoch's single host sync
-            self._unstack()
-            for i, (member, reporter) in enumerate(zip(self.members, reporters)):
-                if i in self.failed:
-                    member.epoch += 1
-                    continue
-                if not torch.isfinite(torch.tensor(losses[i])):
+            first = self.members[0]
+            if (first.epoch + 1) % first.cfg.checkpoint.every == 0 or first.epoch + 1 == epochs:
+                # Members' own modules are read only for their checkpoints (metrics come from the stack,
+                # Adaptive-ETF swaps a weight for a fixed ETF): one copy per tensor and member, so only
+                # when they checkpoint (check_bundle: all at once) and at the end.
+                self._unstack()
+            for i, loss in enumerate(losses):
+                if i not in self.failed and not torch.isfinite(torch.tensor(loss)):
                     self.failed[i] = TrialDiverged(
-                        f"training loss is {losses[i]} at epoch {member.epoch + 1}"
+                        f"training loss is {loss} at epoch {self.members[i].epoch + 1}"
                     )
                     self.alive[i] = False  # its slices stop changing; the other members go on
+            measured = self.measure([i for i in range(len(self.members)) if i not in self.failed])
+            for i, (member, reporter) in enumerate(zip(self.members, reporters)):
+                if i in self.failed:
                     member.epoch += 1
                     continue
                 with warnings.catch_warnings():
                     # The member's own optimizer only carries its schedule; the steps happened stacked.
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    metrics = member.end_epoch(losses[i], lrs[i], started)
+                    metrics = member.end_epoch(losses[i], lrs[i], started, measured[i])
                 self._sync_etf(i, known[i])
                 reporter.report(
                     member.epoch, metrics, self._member_state(i) if member.checkpoint_due() else None

@@ -235,21 +235,31 @@ class Trainer:
     def checkpoint_due(self) -> bool:
         return self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs
 
-    def end_epoch(self, batch_loss: float, lr: float, started: float) -> dict[str, float]:
-        """After an epoch's steps: advance the schedule, measure, adapt ETF layers, keep the summary."""
+    def collapse_due(self, epoch: int) -> bool:
+        """Whether ``epoch`` (1-based) measures the NC metrics, not only accuracy and loss."""
+        return epoch % self.cfg.metrics.every == 0 or epoch == self.cfg.train.epochs
+
+    def end_epoch(
+        self, batch_loss: float, lr: float, started: float, measured: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """After an epoch's steps: advance the schedule, measure, adapt ETF layers, keep the summary.
+        ``measured``: this epoch's measurement when a bundle took it for all its members at once."""
         cfg = self.cfg
         taps = self.model.tap_names
         self.scheduler.step()
         self.epoch += 1
-        collapse = self.epoch % cfg.metrics.every == 0 or self.epoch == cfg.train.epochs
-        metrics = measure(
-            self.model,
-            self.splits,
-            self.data.num_classes,
-            batch_size=cfg.metrics.batch_size,
-            collapse=collapse,
-            loss=cfg.train.loss,
-        )
+        collapse = self.collapse_due(self.epoch)
+        if measured is not None:
+            metrics = dict(measured)
+        else:
+            metrics = measure(
+                self.model,
+                self.splits,
+                self.data.num_classes,
+                batch_size=cfg.metrics.batch_size,
+                collapse=collapse,
+                loss=cfg.train.loss,
+            )
         metrics.update(batch_loss=batch_loss, lr=lr)
         if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:
             self.interpolation_epoch = self.epoch

@@ -4,12 +4,18 @@ Two streaming passes (SCIENCE.md "Computing them at scale") over the fixed metri
 split and the whole test split, all taps at once, under ``torch.no_grad()`` in eval mode. Pass 1 also
 gives the accuracies and losses, so an epoch without NC metrics costs one forward pass per split.
 
+A trial bundle measures its members together (:func:`measure_stack`): one forward pass of the stacked
+models per batch and every statistic batched over members, so the pass costs a bundle the launches and
+host syncs of one model rather than one pass per member (issue 8: small models are launch-bound).
+
 Metric keys group in the MLflow UI by metric, then split, with the layer last: ``ncc_acc/train/fc3``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,8 +24,42 @@ from trainables.losses import task_loss
 from trainables.metrics import DegenerateFeaturesError, TapAccumulator, weight_svd
 
 CACHE_BYTES = 256 << 20
-"""Taps of one split up to this size are kept from pass 1 for pass 2 instead of running the model again
-(the seed 000 MLP's 4 taps of 10,000 samples take 20 MiB); wider ones are recomputed batch by batch."""
+"""Taps of one split up to this size per model are kept from pass 1 for pass 2 instead of running the
+model again (the seed 000 MLP's 4 taps of 10,000 samples take 20 MiB); wider ones are recomputed batch by
+batch."""
+
+Forward = Callable[[torch.Tensor, bool], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class ModelStack:
+    """What the metric pass needs of ``members`` models of one architecture, each tensor with a leading
+    member axis: ``forward(x, taps)`` gives logits (members x B x C) and, when ``taps``, every tap
+    (members x B x ...); the classifier weights and, per tap, the weights of the layer that reads it."""
+
+    forward: Forward
+    members: int
+    classifier: torch.Tensor
+    consumers: dict[str, torch.Tensor]
+    penultimate: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelStack:
+        """One model as a stack of one."""
+
+        def forward(x: torch.Tensor, taps: bool):
+            if not taps:
+                return model(x)[None], {}
+            logits, out = model.forward_taps(x)
+            return logits[None], {k: v[None] for k, v in out.items()}
+
+        return cls(
+            forward=forward,
+            members=1,
+            classifier=model.classifier.weight[None],
+            consumers={k: w[None] for k, w in model.consumer_weights().items()},
+            penultimate=model.penultimate,
+        )
 
 
 def metric_key(metric: str, split: str, tap: str) -> str:
@@ -31,10 +71,10 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int):
         yield x[lo : lo + batch_size], y[lo : lo + batch_size]
 
 
-def _forward_again(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+def _forward_again(stack: ModelStack, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     for xb, yb in _batches(x, y, batch_size):
-        logits, taps = model.forward_taps(xb)
-        yield taps, yb, logits.argmax(1)
+        logits, taps = stack.forward(xb, True)
+        yield taps, yb, logits.argmax(-1)
 
 
 @torch.no_grad()
@@ -49,47 +89,79 @@ def measure(
 ) -> dict[str, float]:
     """Measure ``model`` on ``splits`` (``{"train": (x, y), "test": (x, y)}``, train first).
 
-    Returns ``{split}_acc`` and ``{split}_loss`` (the task loss, ``ce`` or ``mse``) for every split and, when ``collapse``, every metric of
-    :func:`trainables.metrics.layer_metrics` for every tap and split, with NCC decisions on every split
-    made against the train class means (004 Def. 6). A tap whose features are degenerate at this epoch
-    (e.g. a dead layer of constant features) is left out for this epoch with a warning on stderr.
+    Returns ``{split}_acc`` and ``{split}_loss`` (the task loss, ``ce`` or ``mse``) for every split and,
+    when ``collapse``, every metric of :func:`trainables.metrics.layer_metrics` for every tap and split,
+    with NCC decisions on every split made against the train class means (004 Def. 6). A tap whose
+    features are degenerate at this epoch (e.g. a dead layer of constant features) is left out for this
+    epoch with a warning on stderr.
     """
     was_training = model.training
     model.eval()
-    out: dict[str, float] = {}
+    try:
+        stack = ModelStack.of(model)
+        return measure_stack(stack, splits, num_classes, batch_size=batch_size, collapse=collapse, loss=loss)[
+            0
+        ]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def measure_stack(
+    stack: ModelStack,
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    *,
+    batch_size: int,
+    collapse: bool,
+    loss: str = "ce",
+    labels: list[str] | None = None,
+) -> list[dict[str, float]]:
+    """:func:`measure` for every model of ``stack`` at once (already in eval mode): one dict per member,
+    each what that model measured alone gives. ``labels`` name the members in warnings."""
+    m = stack.members
+    out: list[dict[str, float]] = [{} for _ in range(m)]
     accumulators: dict[str, dict[str, TapAccumulator]] = {}
     cached: dict[str, list | None] = {}
     for split, (x, y) in splits.items():
-        loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        correct = torch.zeros((), dtype=torch.float64, device=x.device)
+        loss_sum = torch.zeros(m, dtype=torch.float64, device=x.device)
+        correct = torch.zeros(m, dtype=torch.float64, device=x.device)
         taps_acc: dict[str, TapAccumulator] = {}
         kept: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] | None = (
             [] if collapse else None
         )
         for xb, yb in _batches(x, y, batch_size):
-            logits, taps = model.forward_taps(xb) if collapse else (model(xb), {})
-            loss_sum += task_loss(logits.float(), yb, num_classes, loss).double() * len(yb)
-            predictions = logits.argmax(1)
-            correct += (predictions == yb).sum()
+            logits, taps = stack.forward(xb, collapse)
+            per_member = torch.vmap(lambda z, yb=yb: task_loss(z, yb, num_classes, loss))(logits.float())
+            loss_sum += per_member.double() * len(yb)
+            predictions = logits.argmax(-1)
+            correct += (predictions == yb).sum(-1)
             for name, h in taps.items():
                 if name not in taps_acc:
-                    taps_acc[name] = TapAccumulator(num_classes, h[0].numel(), h.device)
+                    taps_acc[name] = TapAccumulator(num_classes, h[0, 0].numel(), h.device, members=m)
                 taps_acc[name].add_pass1(h, yb)
             if kept is not None:
-                per_sample = sum(h[0].numel() * h.element_size() for h in taps.values())
+                per_sample = sum(h[0, 0].numel() * h.element_size() for h in taps.values())
                 if per_sample * len(x) <= CACHE_BYTES:
                     kept.append((taps, yb, predictions))
                 else:
                     kept = None
         cached[split] = kept
-        out[f"{split}_loss"] = float(loss_sum / len(x))
-        out[f"{split}_acc"] = float(correct / len(x))
+        for i, (loss_i, correct_i) in enumerate(
+            zip((loss_sum / len(x)).tolist(), (correct / len(x)).tolist(), strict=True)
+        ):
+            out[i][f"{split}_loss"] = loss_i
+            out[i][f"{split}_acc"] = correct_i
         accumulators[split] = taps_acc
     if not collapse:
-        model.train(was_training)
         return out
 
+    def warn(i: int | None, where: str, reason: object) -> None:
+        who = "" if m == 1 else f"{labels[i] if labels else f'member {i}'}: " if i is not None else "all: "
+        print(f"warning: {who}{where}: no NC metrics this epoch: {reason}", file=sys.stderr)
+
     train_means: dict[str, torch.Tensor] = {}
+    dropped: dict[str, set[int]] = {}  # tap -> members without train statistics this epoch
     live: dict[str, dict[str, TapAccumulator]] = {}
     for split, taps_acc in accumulators.items():
         live[split] = {}
@@ -99,35 +171,42 @@ def measure(
             try:
                 means = acc.end_pass1(None if split == "train" else train_means[name])
             except DegenerateFeaturesError as err:
-                print(f"warning: {split}/{name}: no NC metrics this epoch: {err}", file=sys.stderr)
+                warn(None if m > 1 else 0, f"{split}/{name}", err)
                 continue
+            for i, reason in acc.degenerate.items():
+                if i not in dropped.get(name, ()):
+                    warn(i, f"{split}/{name}", reason)
             if split == "train":
                 train_means[name] = means
-            live[split][name] = acc
+                dropped[name] = set(acc.degenerate)
+            if len(dropped[name] | set(acc.degenerate)) < m:
+                live[split][name] = acc
 
     for split, (x, y) in splits.items():
         if not live[split]:
             continue
         batches = cached[split]
-        if batches is None:  # too wide to keep: run the model again
-            batches = _forward_again(model, x, y, batch_size)
+        if batches is None:  # too wide to keep: run the models again
+            batches = _forward_again(stack, x, y, batch_size)
         for taps, yb, predictions in batches:
             for name, acc in live[split].items():
                 acc.add_pass2(taps[name], yb, predictions)
 
-    consumers = model.consumer_weights()
     # One SVD per consumer weight serves NC3 alignment and the weight's stable rank on every split.
-    svds = {name: weight_svd(w) for name, w in consumers.items() if any(name in t for t in live.values())}
-    classifier = model.classifier.weight
-    last_tap = model.penultimate
+    svds = {
+        name: weight_svd(w, members=True)
+        for name, w in stack.consumers.items()
+        if any(name in t for t in live.values())
+    }
     for split, taps_acc in live.items():
         for name, acc in taps_acc.items():
             values = acc.result(
-                classifier=classifier if name == last_tap else None,
-                next_weight=consumers.get(name),
+                classifier=stack.classifier if name == stack.penultimate else None,
+                next_weight=stack.consumers.get(name),
                 next_weight_svd=svds.get(name),
             )
-            for metric, value in values.items():
-                out[metric_key(metric, split, name)] = value
-    model.train(was_training)
+            for i, member_values in enumerate(values):
+                if member_values is None or i in dropped[name]:
+                    continue
+                out[i].update({metric_key(k, split, name): v for k, v in member_values.items()})
     return out

@@ -7,9 +7,9 @@ prints it, and every trial on CUDA logs its measured peak (``gpu_memory_peak_mib
 
 Counted, in float32 unless noted: the data splits (they live on the device, DESIGN.md "Speed"); weights,
 gradients and momentum per member; training activations of one batch (every module's output is assumed
-kept for backward); the metric pass (one metric batch of taps in float64, pass 1's taps kept up to
-``measure.CACHE_BYTES``, and the float64 Gram of every tap up to ``metrics.GRAM_MAX_WIDTH``). A fixed
-allowance covers the CUDA context and allocator slack. It is an upper-leaning estimate, not a bound.
+kept for backward); the metric pass (:func:`metric_bytes`, once per member a bundle measures at a time).
+A fixed allowance covers the CUDA context and allocator slack. It is an upper-leaning estimate, not a
+bound.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from trainables.models import build_model
 
 CUDA_CONTEXT_BYTES = 600 << 20
 """CUDA context, cuBLAS workspaces and allocator rounding (typically 300-600 MiB per process)."""
+
+METRIC_STACK_BYTES = 2 << 30
+"""Memory one stacked metric pass of a bundle may take (seed 000's MLP: about 50 MiB per member, so 40
+members per pass); larger bundles measure in several passes."""
 
 DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
 """scikit-learn's digits per class; split per class by ``data.test_fraction`` (trainables.data)."""
@@ -77,12 +81,36 @@ def estimate_bytes(cfg: TrialConfig, members: int = 1) -> int:
     params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     weights = 3 * 4 * params  # weight, gradient, momentum
     activations = 4 * sum(outputs)  # kept for backward; transient gradients fit in the slack
-    tap_widths = [t[0].numel() for t in taps.values()]
+    metric = metric_bytes(cfg, [t[0].numel() for t in taps.values()])
+    return (
+        CUDA_CONTEXT_BYTES
+        + data
+        + members * (weights + activations)
+        + min(members, members_measured_together(cfg, members)) * metric
+    )
+
+
+def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
+    """The metric pass of one model: one metric batch of taps in float64, pass 1's taps kept up to
+    ``measure.CACHE_BYTES``, the float64 Gram of every tap up to ``metrics.GRAM_MAX_WIDTH``."""
+    if tap_widths is None:
+        info = dataset_info(cfg)
+        with torch.device("meta"):
+            _, taps = build_model(cfg, info).forward_taps(torch.empty(2, *info.input_shape))
+        tap_widths = [t[0].numel() for t in taps.values()]
+    n_train, n_test = split_sizes(cfg)
     measured = min(n_train, cfg.metrics.max_samples) + n_test
     metric_batch = min(cfg.metrics.batch_size, measured)
     metric = 8 * metric_batch * sum(tap_widths) + min(CACHE_BYTES, 4 * measured * sum(tap_widths))
-    metric += sum(8 * d * d for d in tap_widths if d <= GRAM_MAX_WIDTH)
-    return CUDA_CONTEXT_BYTES + data + members * (weights + activations) + metric
+    return metric + sum(8 * d * d for d in tap_widths if d <= GRAM_MAX_WIDTH)
+
+
+def members_measured_together(cfg: TrialConfig, members: int) -> int:
+    """How many bundle members one stacked metric pass takes: all of them while their metric passes fit
+    :data:`METRIC_STACK_BYTES` together, at least one."""
+    if members <= 1:
+        return 1
+    return max(1, min(members, METRIC_STACK_BYTES // metric_bytes(cfg)))
 
 
 def _numel(out) -> int:
