@@ -103,6 +103,27 @@ def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
     return runs[0] if runs else None
 
 
+def _find_or_create_run(
+    client: MlflowClient, experiment_id: str, key: dict[str, str], tags: dict[str, str], run_name: str
+):
+    """The run tagged ``key``, created if there is none; one attempt of :func:`with_retry`.
+
+    A create the server committed but whose answer was lost (the server went down mid-request) is sent
+    again by the retry, ours or MLflow's own: observed as a fifth child run for four trials after a
+    tracking-server restart. So every attempt searches first, and after creating, the earliest run with
+    the trial's tags is the trial's and any later copy is deleted.
+    """
+    run = _find_run(client, experiment_id, **key)
+    if run is not None:
+        return run
+    client.create_run(experiment_id, tags=tags, run_name=run_name)
+    clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
+    runs = client.search_runs([experiment_id], filter_string=clause, order_by=["start_time ASC"])
+    for extra in runs[1:]:
+        client.delete_run(extra.info.run_id)
+    return runs[0]
+
+
 def ensure_parent_run(
     client: MlflowClient,
     *,
@@ -156,27 +177,23 @@ class TrialTracker:
         tags: dict[str, str],
     ) -> None:
         self.client = MlflowClient(tracking_uri)
-        run = with_retry(_find_run, self.client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key})
-        if run is None:
-            all_tags = {
-                "mlflow.parentRunId": parent_run_id,
-                TAG_SWEEP: sweep_id,
-                TAG_TRIAL: trial_key,
-                TAG_ROLE: "trial",
-                TAG_METRICS_VERSION: METRIC_DEFINITIONS_VERSION,
-                **tags,
-            }
-            run = with_retry(self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
-            self.run_id = run.info.run_id
+        key = {TAG_SWEEP: sweep_id, TAG_TRIAL: trial_key}
+        all_tags = {
+            "mlflow.parentRunId": parent_run_id,
+            TAG_ROLE: "trial",
+            TAG_METRICS_VERSION: METRIC_DEFINITIONS_VERSION,
+            **key,
+            **tags,
+        }
+        run = with_retry(_find_or_create_run, self.client, experiment_id, key, all_tags, run_name)
+        self.run_id = run.info.run_id
+        if not run.data.params:  # new, or made by an attempt whose answer an outage swallowed
             params_batch = [Param(k, v) for k, v in flatten(params).items()]
             with_retry(self.client.log_batch, self.run_id, params=params_batch)
-            self.last_epoch = 0
-        else:
-            self.run_id = run.info.run_id
-            history = with_retry(self.client.get_metric_history, self.run_id, SENTINEL)
-            self.last_epoch = int(max((m.step for m in history), default=0))
-            if run.info.status != "RUNNING" and run.info.status != "FINISHED":
-                with_retry(self.client.update_run, self.run_id, status="RUNNING")
+        history = with_retry(self.client.get_metric_history, self.run_id, SENTINEL)
+        self.last_epoch = int(max((m.step for m in history), default=0))
+        if run.info.status != "RUNNING" and run.info.status != "FINISHED":
+            with_retry(self.client.update_run, self.run_id, status="RUNNING")
         self.status = with_retry(self.client.get_run, self.run_id).info.status
 
     @property

@@ -33,6 +33,7 @@ from trainables.data import load_splits
 from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import ModelStack, measure_stack
+from trainables.memory import members_measured_together
 
 # Every architecture bundles: all forward passes vmap (BatchNorm with stacked running statistics, in-place
 # ReLU, attention; none uses dropout, which vmap would have to draw per member). A new model with dropout
@@ -107,6 +108,7 @@ class Bundle:
         self.data = data
         self.failed: dict[int, Exception] = {}
         self._stack()
+        self.measure_chunk = members_measured_together(cfgs[0], len(cfgs))
 
     # ---- stacking -----------------------------------------------------------------------------------
     def _stack(self) -> None:
@@ -173,21 +175,20 @@ class Bundle:
                     self.momentum[n][i] = 0
 
     # ---- measuring ----------------------------------------------------------------------------------
+    @torch.no_grad()  # no graph through the stacked parameters' slices
     def measure(self, live: list[int]) -> dict[int, dict[str, float]]:
         """This epoch's measurement of the ``live`` members, taken together (:func:`measure_stack`).
 
         Members measure together when they agree on what to measure this epoch (``metrics`` may differ
         within a bundle); each group goes in chunks of :func:`trainables.memory.members_measured_together`
         members, so the stacked pass stays within the memory the sweep's packing check counted."""
-        from trainables.memory import members_measured_together
-
         groups: dict[tuple, list[int]] = {}
         for i in live:
             member = self.members[i]
             metrics = member.cfg.metrics
             key = (member.collapse_due(member.epoch + 1), metrics.max_samples, metrics.batch_size)
             groups.setdefault(key, []).append(i)
-        chunk = members_measured_together(self.cfgs[0], len(live))
+        chunk = self.measure_chunk
         measured: dict[int, dict[str, float]] = {}
         self.template.eval()
         try:
