@@ -95,11 +95,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
+def _runs_tagged(client: MlflowClient, experiment_id: str, max_results: int = 1000, **tags: str):
+    """Active runs carrying every one of ``tags``, the earliest first."""
     clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs(
-        [experiment_id], filter_string=clause, max_results=2, order_by=["start_time ASC"]
+    return client.search_runs(
+        [experiment_id], filter_string=clause, max_results=max_results, order_by=["start_time ASC"]
     )
+
+
+def _find_run(client: MlflowClient, experiment_id: str, **tags: str):
+    runs = _runs_tagged(client, experiment_id, max_results=1, **tags)
     return runs[0] if runs else None
 
 
@@ -117,8 +122,7 @@ def _find_or_create_run(
     if run is not None:
         return run
     client.create_run(experiment_id, tags=tags, run_name=run_name)
-    clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
-    runs = client.search_runs([experiment_id], filter_string=clause, order_by=["start_time ASC"])
+    runs = _runs_tagged(client, experiment_id, **key)
     for extra in runs[1:]:
         client.delete_run(extra.info.run_id)
     return runs[0]

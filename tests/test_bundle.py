@@ -86,7 +86,7 @@ def test_bundle_measures_its_members_together(monkeypatch):
         return stacked(stack, *args, collapse=collapse, **kwargs)
 
     monkeypatch.setattr(trainables.bundle, "measure_stack", recording)
-    monkeypatch.setattr(trainables.bundle, "members_measured_together", lambda cfg, members: 2)
+    monkeypatch.setattr(trainables.bundle, "members_measured_together", lambda members, metric: 2)
     cfgs = [_cfg(VARIANTS[0]), _cfg(VARIANTS[1]), _cfg({**VARIANTS[2], "metrics": {"every": 2}})]
     recorders = [Recorder() for _ in cfgs]
     Bundle(cfgs).run(recorders)

@@ -33,7 +33,7 @@ from trainables.data import load_splits
 from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import ModelStack, measure_stack
-from trainables.memory import members_measured_together
+from trainables.memory import members_measured_together, metric_bytes
 
 # Every architecture bundles: all forward passes vmap (BatchNorm with stacked running statistics, in-place
 # ReLU, attention; none uses dropout, which vmap would have to draw per member). A new model with dropout
@@ -108,7 +108,7 @@ class Bundle:
         self.data = data
         self.failed: dict[int, Exception] = {}
         self._stack()
-        self.measure_chunk = members_measured_together(cfgs[0], len(cfgs))
+        self.measure_chunk = members_measured_together(len(cfgs), metric_bytes(cfgs[0]))
 
     # ---- stacking -----------------------------------------------------------------------------------
     def _stack(self) -> None:
@@ -320,8 +320,7 @@ class Bundle:
             lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
             known = [{n for n, p in m.model.named_parameters() if p.requires_grad} for m in self.members]
             losses = self.train_epoch().tolist()  # the epoch's single host sync
-            first = self.members[0]
-            if (first.epoch + 1) % first.cfg.checkpoint.every == 0 or first.epoch + 1 == epochs:
+            if self.members[0].checkpoint_due(self.members[0].epoch + 1):
                 # Members' own modules are read only for their checkpoints (metrics come from the stack,
                 # Adaptive-ETF swaps a weight for a fixed ETF): one copy per tensor and member, so only
                 # when they checkpoint (check_bundle: all at once) and at the end.

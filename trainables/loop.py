@@ -232,8 +232,10 @@ class Trainer:
             reporter.report(self.epoch, metrics, self.state_dict() if self.checkpoint_due() else None)
         return self.summary()
 
-    def checkpoint_due(self) -> bool:
-        return self.epoch % self.cfg.checkpoint.every == 0 or self.epoch == self.cfg.train.epochs
+    def checkpoint_due(self, epoch: int | None = None) -> bool:
+        """Whether ``epoch`` (1-based; default: the last one trained) ends with a checkpoint."""
+        epoch = self.epoch if epoch is None else epoch
+        return epoch % self.cfg.checkpoint.every == 0 or epoch == self.cfg.train.epochs
 
     def collapse_due(self, epoch: int) -> bool:
         """Whether ``epoch`` (1-based) measures the NC metrics, not only accuracy and loss."""

@@ -157,7 +157,13 @@ def measure_stack(
         return out
 
     def warn(i: int | None, where: str, reason: object) -> None:
-        who = "" if m == 1 else f"{labels[i] if labels else f'member {i}'}: " if i is not None else "all: "
+        """``i``: the member, or None for all of them; a lone model's warning names no member."""
+        if m == 1:
+            who = ""
+        elif i is None:
+            who = "all members: "
+        else:
+            who = f"{labels[i] if labels else f'member {i}'}: "
         print(f"warning: {who}{where}: no NC metrics this epoch: {reason}", file=sys.stderr)
 
     train_means: dict[str, torch.Tensor] = {}
@@ -171,7 +177,7 @@ def measure_stack(
             try:
                 means = acc.end_pass1(None if split == "train" else train_means[name])
             except DegenerateFeaturesError as err:
-                warn(None if m > 1 else 0, f"{split}/{name}", err)
+                warn(None, f"{split}/{name}", err)
                 continue
             for i, reason in acc.degenerate.items():
                 if i not in dropped.get(name, ()):

@@ -82,17 +82,14 @@ def estimate_bytes(cfg: TrialConfig, members: int = 1) -> int:
     weights = 3 * 4 * params  # weight, gradient, momentum
     activations = 4 * sum(outputs)  # kept for backward; transient gradients fit in the slack
     metric = metric_bytes(cfg, [t[0].numel() for t in taps.values()])
-    return (
-        CUDA_CONTEXT_BYTES
-        + data
-        + members * (weights + activations)
-        + min(members, members_measured_together(cfg, members)) * metric
-    )
+    together = members_measured_together(members, metric)
+    return CUDA_CONTEXT_BYTES + data + members * (weights + activations) + together * metric
 
 
 def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
     """The metric pass of one model: one metric batch of taps in float64, pass 1's taps kept up to
-    ``measure.CACHE_BYTES``, the float64 Gram of every tap up to ``metrics.GRAM_MAX_WIDTH``."""
+    ``measure.CACHE_BYTES``, the float64 Gram of every tap up to ``metrics.GRAM_MAX_WIDTH``.
+    ``tap_widths``: when the caller has the model's taps already."""
     if tap_widths is None:
         info = dataset_info(cfg)
         with torch.device("meta"):
@@ -105,12 +102,10 @@ def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
     return metric + sum(8 * d * d for d in tap_widths if d <= GRAM_MAX_WIDTH)
 
 
-def members_measured_together(cfg: TrialConfig, members: int) -> int:
-    """How many bundle members one stacked metric pass takes: all of them while their metric passes fit
-    :data:`METRIC_STACK_BYTES` together, at least one."""
-    if members <= 1:
-        return 1
-    return max(1, min(members, METRIC_STACK_BYTES // metric_bytes(cfg)))
+def members_measured_together(members: int, metric: int) -> int:
+    """How many of a bundle's ``members`` one stacked metric pass takes, each pass of one model taking
+    ``metric`` bytes (:func:`metric_bytes`): all while they fit :data:`METRIC_STACK_BYTES`, at least one."""
+    return max(1, min(members, METRIC_STACK_BYTES // metric))
 
 
 def _numel(out) -> int:

@@ -110,7 +110,7 @@ class TapAccumulator:
                 )
         if self.members is None and self.degenerate:
             raise DegenerateFeaturesError(self.degenerate[0])
-        self.ok = ~(~finite | coincide)
+        self.ok = finite & ~coincide
         # M^+ = (M^T M)^+ M^T, the pseudo-inverse through the small C' x C' Gram; eigenvalues below the
         # cut-off (M has rank C'-1) get weight 0 rather than being dropped, so members stack.
         evals, evecs = torch.linalg.eigh(gram)
