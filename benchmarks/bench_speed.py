@@ -10,6 +10,9 @@ Sections (each prints one Markdown table; ratios compare numbers from this run o
   members one at a time against the stacked pass.
 - ``mlflow``: logging one epoch's metrics (one ``log_batch`` to a SQLite store, as trials do) against
   the epoch.
+- ``logging``: a bundle's members logging one epoch each to a real ``mlflow server`` (SQLite and
+  PostgreSQL backends), one after the other against in the background (not in ``--quick``: a server takes
+  10-20 s to start on 2 cores).
 - ``throughput``: trials per hour of seed 000's protocol (300 epochs, metrics every epoch): one trial,
   several packed on the device as separate processes, bundles (no Ray: the GPU machines have none).
 - ``sweep``: the wall time of a real local Ray sweep against its ideal, the sum of its trials' own run
@@ -26,6 +29,7 @@ asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import struct
@@ -329,6 +333,104 @@ def bench_mlflow(root: Path, repeats: int) -> dict[str, float]:
     return {"epoch": epoch, "log": statistics.median(times[1:]), "keys": len(metrics)}
 
 
+def bench_bundle_logging(root: Path, repeats: int, members: int) -> list[dict]:
+    """One epoch of a bundle's members logged to a real ``mlflow server`` (as a sweep on a cluster does):
+    one member after the other (``log_epoch``) against all in the background and then ``flush``, as
+    ``BundleReporter`` does, over a SQLite and, where its binaries are installed, a PostgreSQL backend
+    (docker-compose.yml's). Each member logs a full epoch's metrics to its own run."""
+    import sys
+    from contextlib import ExitStack
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' real-service helpers
+    from tests.services import postgres_available, postgres_server
+    from trainables.loop import Trainer
+
+    trainer = Trainer(trial_config(root))
+    trainer.train_epoch()
+    metrics = trainer.end_epoch(0.0, 0.05, time.perf_counter())
+    rows = []
+    for backend in ["sqlite"] + (["postgresql"] if postgres_available() else []):
+        with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+            store = (
+                f"sqlite:///{tmp}/mlflow.db"
+                if backend == "sqlite"
+                else stack.enter_context(postgres_server())
+            )
+            uri = stack.enter_context(_mlflow_server(store, Path(tmp)))
+            sequence, background = _log_bundle_epochs(uri, trainer.cfg, metrics, members, repeats)
+            rows.append({"backend": backend, "sequence": sequence, "background": background})
+    return rows
+
+
+@contextlib.contextmanager
+def _mlflow_server(store: str, folder: Path):
+    """A real ``mlflow server`` on a free loopback port over ``store``; yields its URI, stops it by PID."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.services import free_port, kill_tree, wait_for
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    port = free_port()
+    command = [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", store]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", f"{folder}/artifacts"]
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        if not wait_for(healthy, timeout=180):
+            raise RuntimeError("mlflow server did not come up")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        kill_tree(server.pid)
+
+
+def _log_bundle_epochs(uri: str, cfg, metrics: dict, members: int, repeats: int) -> tuple[float, float]:
+    """Seconds per member to log one epoch: in sequence, and in the background then flushed."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.tracking import TrialTracker
+
+    exp = MlflowClient(uri).create_experiment("bench")
+    params = cfg.model_dump(mode="json")
+    trackers = [
+        TrialTracker(
+            tracking_uri=uri,
+            experiment_id=exp,
+            parent_run_id="bench",
+            sweep_id="bench",
+            trial_key=f"m{i}",
+            run_name=f"m{i}",
+            params=params,
+            tags={},
+        )
+        for i in range(members)
+    ]
+    epochs = iter(range(1, 1000))
+
+    def in_sequence():
+        epoch = next(epochs)
+        for t in trackers:
+            t.log_epoch(epoch, metrics)
+
+    def in_background():
+        epoch = next(epochs)
+        for t in trackers:
+            t.log_epoch(epoch, metrics, wait=False)
+        for t in trackers:
+            t.flush()
+
+    in_sequence(), in_background()  # warm-up: connections, the server's first writes
+    return _median(in_sequence, repeats) / members, _median(in_background, repeats) / members
+
+
 def bench_sweep(root: Path, trials: int, epochs: int, bundle: int | str) -> dict[str, float]:
     import yaml
     from mlflow.tracking import MlflowClient
@@ -419,6 +521,19 @@ def main() -> None:
             print("| train epoch (s) | MLflow log_batch per epoch (s) | log / epoch | metrics per epoch |")
             print("| ---: | ---: | ---: | ---: |")
             print(f"| {m['epoch']:.3f} | {m['log']:.4f} | {m['log'] / m['epoch']:.1%} | {m['keys']} |\n")
+        if "logging" in sections:
+            members = 16
+            rows = bench_bundle_logging(root, args.repeats, members)
+            print(
+                f"| bundle of {members}, one epoch to an mlflow server: per member | in sequence (s) | "
+                "in the background (s) | ratio |\n| --- | ---: | ---: | ---: |"
+            )
+            for r in rows:
+                print(
+                    f"| {r['backend']} backend | {r['sequence']:.4f} | {r['background']:.4f} | "
+                    f"{r['sequence'] / r['background']:.2f}x |"
+                )
+            print()
         if "throughput" in sections:
             epochs = 2 if args.quick else 4
             packs, bundles = ([2], [2]) if args.quick else ([1, 2, 4], [4, 16])

@@ -5,6 +5,9 @@ found by the sweep id tag before one is created; a trial finds its child by swee
 creating one; an epoch is logged only when it is later than the last epoch already logged, as one
 synchronous ``log_batch`` whose last metric is the ``epoch`` sentinel. A trial killed halfway through a
 batch therefore re-logs that epoch at most partially, never a step that is already complete.
+
+A bundle's members log to a tracking server concurrently (MLflow's asynchronous ``log_batch``), and the
+bundle waits for all of them before it reports the epoch to Tune, so the same holds for them.
 """
 
 from __future__ import annotations
@@ -199,6 +202,8 @@ class TrialTracker:
         if run.info.status != "RUNNING" and run.info.status != "FINISHED":
             with_retry(self.client.update_run, self.run_id, status="RUNNING")
         self.status = with_retry(self.client.get_run, self.run_id).info.status
+        self.remote = tracking_uri.startswith(("http://", "https://"))
+        self._pending: tuple[list[Metric], Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -207,18 +212,40 @@ class TrialTracker:
     def latest_metrics(self) -> dict[str, float]:
         return dict(with_retry(self.client.get_run, self.run_id).data.metrics)
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Log one epoch unless it is already logged; return whether it was logged."""
+    def log_epoch(self, epoch: int, metrics: dict[str, float], wait: bool = True) -> bool:
+        """Log one epoch unless it is already logged; return whether it was logged.
+
+        ``wait=False``: send it in the background (MLflow's asynchronous logging) and return; the epoch
+        is logged once :meth:`flush` returns. A bundle's members log that way, because a tracking server
+        answers one ``log_batch`` of ~100 metrics in tens of milliseconds and handles several at once
+        (benchmarks/RESULTS.md)."""
+        self.flush()
         if epoch <= self.last_epoch:
             return False
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != SENTINEL]
         batch.append(Metric(SENTINEL, float(epoch), now, epoch))
-        with_retry(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
+        if wait:
+            with_retry(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
+        else:
+            self._pending = (batch, self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
         self.last_epoch = epoch
         return True
 
+    def flush(self) -> None:
+        """Wait for the epoch sent with ``wait=False``. MLflow's background attempt does not outlast a
+        server outage, so one that failed is sent again with :func:`with_retry`."""
+        if self._pending is None:
+            return
+        batch, operation = self._pending
+        self._pending = None
+        try:
+            operation.wait()
+        except Exception:
+            with_retry(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
+
     def finish(self, summary: dict[str, float]) -> None:
+        self.flush()
         now = int(time.time() * 1000)
         with_retry(
             self.client.log_batch,
@@ -229,6 +256,7 @@ class TrialTracker:
         self.status = "FINISHED"
 
     def fail(self, reason: str) -> None:
+        self.flush()
         with_retry(self.client.set_tag, self.run_id, TAG_FAILURE, reason[:4000])
         with_retry(self.client.set_terminated, self.run_id, RunStatus.to_string(RunStatus.FAILED))
         self.status = "FAILED"

@@ -118,8 +118,9 @@ def member_prefix(index: int) -> str:
 
 
 class BundleReporter:
-    """Each member logs its own epochs to its own MLflow run; once every member has reported an epoch,
-    the bundle reports to Tune once, with every member's checkpoint slice (``<trial key>.pt``) together."""
+    """Each member logs its own epochs to its own MLflow run (concurrently when the runs live on a tracking
+    server); once every member's epoch is logged, the bundle reports to Tune once, with every member's
+    checkpoint slice (``<trial key>.pt``) together."""
 
     def __init__(self, members: list[dict[str, Any]], trackers: list[TrialTracker]) -> None:
         self.members = members
@@ -133,7 +134,8 @@ class BundleReporter:
 
         class _Member:
             def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-                outer.trackers[index].log_epoch(epoch, metrics)
+                tracker = outer.trackers[index]
+                tracker.log_epoch(epoch, metrics, wait=not tracker.remote)
                 outer.latest[index] = {"epoch": epoch, **tune_metrics(metrics)}
                 if state is not None:
                     outer.states[index] = state
@@ -156,6 +158,8 @@ class BundleReporter:
                 self.trackers[i].fail(self.failed[i])
 
     def epoch_done(self, epoch: int) -> None:
+        for tracker in self.trackers:  # MLflow first: Tune's checkpoint must not run ahead of the runs
+            tracker.flush()
         if not self.states:
             tune.report(self.result())
             return

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
 
 from sweeper.tracking import TAG_SWEEP, TAG_TRIAL, TrialTracker
 from tests.services import mlflow_uri
 
 
-def _tracker(uri: str, experiment_id: str) -> TrialTracker:
+def _tracker(uri: str, experiment_id: str, key: str = "t1") -> TrialTracker:
     return TrialTracker(
         tracking_uri=uri,
         experiment_id=experiment_id,
         parent_run_id="parent",
         sweep_id="s1",
-        trial_key="t1",
-        run_name="trial 1",
+        trial_key=key,
+        run_name=f"trial {key}",
         params={"seed": 1, "train": {"lr": 0.1}},
         tags={},
     )
@@ -47,3 +51,43 @@ def test_a_create_sent_twice_by_a_retry_leaves_one_run(tmp_path, monkeypatch):
     again = _tracker(uri, experiment_id)  # a replayed trial finds the same run and where it stopped
     assert again.run_id == tracker.run_id and again.last_epoch == 1
     assert len(client.search_runs([experiment_id])) == 1
+
+
+def test_background_epochs_are_stored_once_even_when_the_background_attempt_fails(tmp_path, monkeypatch):
+    """Bundle members send their epochs in the background (MLflow's asynchronous ``log_batch``) and
+    ``flush`` returns once each is stored. A background attempt that fails (the tracking server went
+    away) is sent again by the retrying path, and the epoch is stored once (a real SQLite store)."""
+    log_batch = SqlAlchemyStore.log_batch
+    background = []  # one entry per log_batch made off the main thread
+    outage = threading.Event()
+
+    def store_log_batch(self, run_id, metrics=(), params=(), tags=()):
+        if threading.current_thread() is not threading.main_thread():
+            background.append(run_id)
+            if outage.is_set():
+                raise MlflowException("API request to /runs/log-batch failed: connection refused")
+        return log_batch(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", store_log_batch)
+    uri = mlflow_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("background")
+    trackers = [_tracker(uri, experiment_id, f"t{i}") for i in range(3)]
+    assert not any(t.remote for t in trackers)  # a local store: bundles log in sequence there
+    for epoch in (1, 2):
+        for i, tracker in enumerate(trackers):
+            assert tracker.log_epoch(epoch, {"acc": epoch / 10 + i}, wait=False)
+        for tracker in trackers:
+            tracker.flush()
+    assert len(background) == 6
+    outage.set()
+    for tracker in trackers:
+        tracker.log_epoch(3, {"acc": 0.3}, wait=False)
+    for tracker in trackers:
+        tracker.flush()
+    assert len(background) == 9  # epoch 3 was tried in the background, then stored by the retry
+    for i, tracker in enumerate(trackers):
+        steps = [m.step for m in client.get_metric_history(tracker.run_id, "epoch")]
+        assert sorted(steps) == [1, 2, 3], (i, steps)
+        acc = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "acc")}
+        assert acc == pytest.approx({1: 0.1 + i, 2: 0.2 + i, 3: 0.3})
