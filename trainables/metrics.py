@@ -160,10 +160,10 @@ class TapAccumulator:
             yb = labels[lo : lo + block.shape[1]]
             diff = block - self.means.index_select(1, yb)
             self.within_sq.index_add_(1, yb, torch.linalg.vector_norm(diff, dim=-1) ** 2)
-            self.projected_sq += ((diff @ self.M_pinv.mT) ** 2).sum((1, 2))
             if self.dim <= GRAM_MAX_WIDTH:
-                self.within_gram += diff.mT @ diff
+                self.within_gram += diff.mT @ diff  # nc1's projection is read off it (see result)
             else:
+                self.projected_sq += ((diff @ self.M_pinv.mT) ** 2).sum((1, 2))
                 diff32 = diff.float()
                 self.sketch_out += diff32.mT @ (diff32 @ self.sketch_in)
             # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h.mu_c); ||h||^2 is common to all c.
@@ -195,6 +195,10 @@ class TapAccumulator:
         # Law of total variance: Tr(Sigma_T) = Tr(Sigma_W) + (1/N) sum_c N_c ||mu_c - mean||^2, exact.
         sample_mean = (counts[:, None] * means).sum(1) / n
         tr_t = tr_w + (counts * ((means - sample_mean[:, None]) ** 2).sum(-1)).sum(-1) / n
+        if self.dim <= GRAM_MAX_WIDTH:
+            # sum_i ||M^+ d_i||^2 = Tr(M^+ G M^+T) with G = sum_i d_i d_i^T the within-class Gram, exact:
+            # a C x d x d product instead of an N x d x C one.
+            self.projected_sq = ((self.M_pinv @ self.within_gram) * self.M_pinv).sum((1, 2))
         out = {
             "nc1": self.projected_sq / n,
             "nc1_ratio": tr_w / tr_t,
