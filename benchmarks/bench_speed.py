@@ -79,8 +79,9 @@ def trial_config(root: Path, **extra):
     return TrialConfig.model_validate(data)
 
 
-def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:
-    """The loop issue 8 measured at 3.2 s/epoch on an H100 host: per-sample transforms in a DataLoader."""
+def dataloader_loop(root: Path, workers: int):
+    """The loop issue 8 measured at 3.2 s/epoch on an H100 host: per-sample transforms in a DataLoader.
+    Returns a function that runs one epoch (the first call also starts the workers)."""
     import torchvision
     from torchvision import transforms
 
@@ -107,21 +108,36 @@ def dataloader_epoch(root: Path, workers: int, repeats: int) -> float:
             opt.step()
         float(loss.detach())  # wait for the device
 
-    epoch()  # warm-up: worker start, allocator
-    return _median(epoch, repeats)
+    return epoch
+
+
+def _interleaved(loops: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each loop, timed in rounds (one call of each per round) after one
+    warm-up call each, so that drift in this machine's speed reaches every loop alike."""
+    for fn in loops.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name, fn in loops.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], quick: bool) -> list[tuple[str, float]]:
+    """The trainer's epoch and the DataLoader loops are timed in alternation (see :func:`_interleaved`);
+    the compiled step and bundles, per model, after them."""
     from trainables.bundle import Bundle
     from trainables.loop import Trainer
 
-    # The trainer and bundles first, timed before any DataLoader worker process exists.
-    rows = []
     trainer = Trainer(trial_config(root))
-    trainer.train_epoch()
-    rows.append(
-        ("trainer epoch (tensors in memory, randperm batches)", _median(trainer.train_epoch, repeats))
-    )
+    loops = {"trainer epoch (tensors in memory, randperm batches)": trainer.train_epoch}
+    for workers in (0,) if quick else (0, 2):
+        loops[f"DataLoader loop, torchvision transforms, {workers} workers"] = dataloader_loop(root, workers)
+    timed = _interleaved(loops, repeats)
+    rows = list(timed.items())[:1]
+    del loops
     if not quick:  # compiling (~20 s on 2 CPU cores) would outlast the CI-sized run itself
         # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
         trainer = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
@@ -135,11 +151,7 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], quick: bool) 
         bundle.train_epoch()
         per_model = _median(lambda b=bundle: b.train_epoch().tolist(), repeats) / size
         rows.append((f"bundle of {size}, per model", per_model))
-    del trainer, bundle
-    for workers in (0,) if quick else (0, 2):
-        name = f"DataLoader loop, torchvision transforms, {workers} workers"
-        rows.append((name, dataloader_epoch(root, workers, repeats)))
-    return rows
+    return rows + list(timed.items())[1:]
 
 
 PROTOCOL_EPOCHS = 300
@@ -230,8 +242,6 @@ def bench_metrics(root: Path, repeats: int) -> dict[str, float]:
     from trainables.measure import measure
 
     trainer = Trainer(trial_config(root))
-    trainer.train_epoch()
-    epoch = _median(trainer.train_epoch, repeats)
     cfg = trainer.cfg.metrics
 
     def metric_pass(collapse: bool):
@@ -239,11 +249,16 @@ def bench_metrics(root: Path, repeats: int) -> dict[str, float]:
             trainer.model, trainer.splits, 10, batch_size=cfg.batch_size, collapse=collapse, loss="ce"
         )
 
-    metric_pass(True)
+    timed = _interleaved(
+        {
+            "epoch": trainer.train_epoch,
+            "full": lambda: metric_pass(True),
+            "plain": lambda: metric_pass(False),
+        },
+        repeats,
+    )
     return {
-        "epoch": epoch,
-        "full": _median(lambda: metric_pass(True), repeats),
-        "plain": _median(lambda: metric_pass(False), repeats),
+        **timed,
         "train_subset": len(trainer.splits["train"][0]),
         "test": len(trainer.splits["test"][0]),
         "keys": len(metric_pass(True)),
