@@ -3,15 +3,22 @@ nothing written)."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from sweeper.cli import main
-from sweeper.spec import SpecError, expand, load_spec
+from sweeper.location import parse_location
+from sweeper.orchestrate import prepare_sweep_dir
+from sweeper.spec import ADDED_FIELDS, SpecError, SweepSpec, expand, load_spec, load_spec_text
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -240,3 +247,70 @@ def test_bundle_sizes_for_the_memory_check_before_a_packed_sweep(tmp_path):
     assert slots == 2  # the search's own concurrency limit
     # 2 cells x 10 trials in one group over 2 slots, in at least 4 rounds: ceil(20 / 8).
     assert members_per_trial(loaded, expand(loaded), slots) == 3
+
+
+def _models_in(annotation):
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out = set()
+    for name, field in model.model_fields.items():
+        path = prefix + (field.alias or name)
+        out.add(path)
+        for sub in _models_in(field.annotation):
+            out |= _field_paths(sub, path + ".")
+    return out
+
+
+def test_every_field_added_since_identities_froze_is_registered_with_its_default():
+    """A field added without an ADDED_FIELDS entry would change every sweep's spec hash and trial keys:
+    sweeps started before the upgrade could no longer resume."""
+    lines = (ROOT / "tests" / "spec_fields.txt").read_text().splitlines()
+    frozen = {line for line in lines if line and not line.startswith("#")}
+    new = _field_paths(SweepSpec) - frozen
+    missing = sorted(new - set(ADDED_FIELDS))
+    assert not missing, f"add {missing} to sweeper.spec.ADDED_FIELDS with their defaults"
+    resolved = load_spec_text(MINIMAL, "spec.yaml").resolved
+    for path, default in ADDED_FIELDS.items():
+        node = resolved
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        assert node is None or node == default, (path, node, default)
+
+
+def test_a_sweep_frozen_before_a_field_existed_keeps_its_identity(tmp_path, monkeypatch):
+    """As if ``train.compile`` had been added after a sweep started: the old version froze a spec without
+    it and hashed that; the new version, reading the frozen spec back, computes the same spec hash and
+    trial keys, so the sweep directory accepts it and MLflow runs are found again. A value other than
+    the default is a different spec."""
+    monkeypatch.setitem(ADDED_FIELDS, "train.compile", "auto")
+    resolved = load_spec_text(MINIMAL, "spec.yaml").resolved
+    old = copy.deepcopy(resolved)
+    del old["train"]["compile"]
+
+    def digest(data, length):  # what the version without the field computed
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
+
+    frozen = load_spec_text(yaml.safe_dump(old), "sweeps/t/spec.yaml")
+    assert frozen.resolved["train"]["compile"] == "auto"
+    assert frozen.hash == digest(old, 16)
+    old_keys = []
+    for trial in expand(frozen):
+        config = trial.config.model_dump(mode="json")
+        del config["train"]["compile"]
+        old_keys.append(digest(config, 12))
+    assert [t.key for t in expand(frozen)] == old_keys
+
+    sweep_dir = parse_location(tmp_path / "t")
+    sweep_dir.write_text("spec.yaml", yaml.safe_dump(old, sort_keys=False))
+    sweep_dir.write_text("sweep.json", json.dumps({"spec_hash": digest(old, 16), "sweep_id": "s"}))
+    assert prepare_sweep_dir(frozen, sweep_dir, "sqlite:///unused.db")["sweep_id"] == "s"
+
+    compiled = load_spec_text(MINIMAL, "spec.yaml", ["train.compile='on'"])
+    with pytest.raises(SpecError, match="changed: train.compile"):
+        prepare_sweep_dir(compiled, sweep_dir, "sqlite:///unused.db")
