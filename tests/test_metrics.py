@@ -227,10 +227,17 @@ def test_invariant_to_sample_order_and_scale(seed, scale, c, d):
         torch.tensor(h[perm]), torch.tensor(y[perm]), c, predictions=torch.tensor(pred[perm])
     )
     scaled = layer_metrics(torch.tensor(scale * h), torch.tensor(y), c, predictions=torch.tensor(pred))
+    # nc1 goes through M^+: rounding in the class means (which the order of summation changes) reaches it
+    # amplified by cond(M)^2, so a draw of nearly dependent centres gets a looser bound (one drew cond
+    # 6e4, where the two orders differ by 2e-7 relative in either float64 formula).
+    means = np.stack([h[y == k].mean(0) for k in range(c)])
+    sv = np.linalg.svd(means - means.mean(0), compute_uv=False)
+    cond = sv[0] / sv[min(d, c - 1) - 1]
+    order_rel = 1e-8 + 64 * np.finfo(float).eps * cond**2
     for key in base:
-        assert shuffled[key] == pytest.approx(base[key], rel=1e-8, abs=1e-10), key
+        assert shuffled[key] == pytest.approx(base[key], rel=order_rel, abs=1e-10), key
         # Every metric of SCIENCE.md's table is a ratio of like powers of the features: scale-free.
-        assert scaled[key] == pytest.approx(base[key], rel=1e-6, abs=1e-9), key
+        assert scaled[key] == pytest.approx(base[key], rel=max(1e-6, order_rel), abs=1e-9), key
 
 
 def test_effective_depth():
