@@ -29,7 +29,6 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import struct
@@ -137,7 +136,7 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], quick: bool) 
         loops[f"DataLoader loop, torchvision transforms, {workers} workers"] = dataloader_loop(root, workers)
     timed = _interleaved(loops, repeats)
     rows = list(timed.items())[:1]
-    del loops
+    del loops  # the DataLoaders' worker processes go before the compiled step and bundles are timed
     if not quick:  # compiling (~20 s on 2 CPU cores) would outlast the CI-sized run itself
         # train.compile: on (inductor; on CUDA its CUDA graphs). The warm-up epoch compiles both batch sizes.
         trainer = Trainer(trial_config(root, train={**TRAIN, "compile": "on"}))
@@ -357,7 +356,7 @@ def bench_bundle_logging(root: Path, repeats: int, members: int) -> list[dict]:
     from contextlib import ExitStack
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' real-service helpers
-    from tests.services import postgres_available, postgres_server
+    from tests.services import mlflow_server, postgres_available, postgres_server
     from trainables.loop import Trainer
 
     trainer = Trainer(trial_config(root))
@@ -371,40 +370,10 @@ def bench_bundle_logging(root: Path, repeats: int, members: int) -> list[dict]:
                 if backend == "sqlite"
                 else stack.enter_context(postgres_server())
             )
-            uri = stack.enter_context(_mlflow_server(store, Path(tmp)))
+            uri = stack.enter_context(mlflow_server(store, tmp))
             sequence, background = _log_bundle_epochs(uri, trainer.cfg, metrics, members, repeats)
             rows.append({"backend": backend, "sequence": sequence, "background": background})
     return rows
-
-
-@contextlib.contextmanager
-def _mlflow_server(store: str, folder: Path):
-    """A real ``mlflow server`` on a free loopback port over ``store``; yields its URI, stops it by PID."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    from tests.services import free_port, kill_tree, wait_for
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    port = free_port()
-    command = [Path(sys.executable).parent / "mlflow", "server", "--backend-store-uri", store]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", f"{folder}/artifacts"]
-    server = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        if not wait_for(healthy, timeout=180):
-            raise RuntimeError("mlflow server did not come up")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        kill_tree(server.pid)
 
 
 def _log_bundle_epochs(uri: str, cfg, metrics: dict, members: int, repeats: int) -> tuple[float, float]:

@@ -117,6 +117,40 @@ def s3_server():
         kill_tree(proc.pid)
 
 
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 (a server's health endpoint)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server(store: str, folder):
+    """A real ``mlflow server`` on 127.0.0.1:<free port> over the backend ``store``, artifacts under
+    ``folder``; yields its URI and stops it by PID."""
+    port = free_port()
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"),
+        "server",
+        "--backend-store-uri",
+        store,
+    ]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", f"{folder}/artifacts"]
+    server = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        if not wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/health"), timeout=180):
+            raise RuntimeError("mlflow server did not come up")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        kill_tree(server.pid)
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0

@@ -10,14 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.services import free_port, kill_tree, postgres_available, postgres_server, wait_for
+from tests.services import free_port, http_ok, kill_tree, postgres_available, postgres_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,14 +54,6 @@ def test_compose_file_binds_loopback_pins_images_and_reserves_gpus():
 
 def _start(args, env, log):
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _healthy(url):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 SPEC = """
@@ -120,7 +111,7 @@ def test_two_node_cluster_and_tracking_server_restart(tmp_path):
                     log,
                 )
             )
-            assert wait_for(lambda: _healthy(health), timeout=120), "mlflow server did not come up"
+            assert wait_for(lambda: http_ok(health), timeout=120), "mlflow server did not come up"
             time.sleep(5)  # the head's GCS must be up before the worker joins
             started.append(
                 _start([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{ray_port}", *node], env, log)
@@ -149,7 +140,7 @@ def test_two_node_cluster_and_tracking_server_restart(tmp_path):
             kill_tree(started[0].pid)  # the tracking server goes away mid-sweep ...
             time.sleep(4)
             started[0] = _start(server_cmd, env, log)  # ... and comes back on the same port
-            assert wait_for(lambda: _healthy(health), timeout=120)
+            assert wait_for(lambda: http_ok(health), timeout=120)
             out, _ = driver.communicate(timeout=600)
             assert driver.returncode == 0, out[-4000:]
             assert "4 finished, 0 failed" in out
