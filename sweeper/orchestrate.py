@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from sweeper.location import Location, LocationError, credential_env, parse_location
-from sweeper.spec import LoadedSpec, PlannedTrial, SpecError, expand
+from sweeper.spec import ADDED_FIELDS, LoadedSpec, PlannedTrial, SpecError, expand
 from trainables.config import TrialConfig
 from trainables.data import data_root
 
@@ -54,7 +54,16 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
             meta = json.loads(sweep_dir.read_text("sweep.json"))
             if meta["spec_hash"] != loaded.hash:
                 old = yaml.safe_load(sweep_dir.read_text("spec.yaml"))
-                changed = sorted(_diff(old, loaded.resolved))
+                # A field added since the sweep started, at its default, is not what changed.
+                changed = sorted(
+                    path
+                    for path in _diff(old, loaded.resolved)
+                    if not (
+                        path in ADDED_FIELDS
+                        and _get(old, path) is None
+                        and _get(loaded.resolved, path) == ADDED_FIELDS[path]
+                    )
+                )
                 raise SpecError(
                     f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
                     f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
@@ -75,6 +84,12 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
     except OSError as err:
         raise LocationError(f"cannot use sweep directory '{sweep_dir}': {err}") from None
     return meta
+
+
+def _get(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> set[str]:

@@ -33,7 +33,7 @@ RUN_LEVEL_METRICS = (
 )
 """Metrics a spec's objective may name (what every trial reports to Tune every epoch)."""
 
-ADDED_FIELDS: dict[str, Any] = {}
+ADDED_FIELDS: dict[str, Any] = {"metrics.probe": False}
 """Spec and trial-config fields added after sweeps existed (dotted path -> default). A sweep's spec hash
 and its trial keys leave such a field out while it holds that default, so a sweep started before the
 field existed (its frozen spec lacks it; Tune's state holds its old trial keys) resumes as the same sweep

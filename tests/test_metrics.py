@@ -8,15 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.nc_reference import reference_metrics, simplex_etf_features
+from tests.nc_reference import exact_nc1, reference_metrics, simplex_etf_features
 from trainables import metrics as nc
+from trainables.etf import simplex_etf
 from trainables.metrics import (
     GRAM_MAX_WIDTH,
+    PROBE_RIDGE,
     DegenerateFeaturesError,
     TapAccumulator,
     effective_depth,
     layer_metrics,
 )
+
+EPS = np.finfo(np.float64).eps
 
 
 def _random_case(seed, n, d, c, *, unbalanced=False, spread=1.0):
@@ -61,6 +65,7 @@ def test_layer_metrics_match_float64_reference(n, d, c, unbalanced):
         classifier=torch.tensor(classifier),
         next_weight=torch.tensor(next_weight),
         means=torch.tensor(train_means),
+        probe=d <= nc.PROBE_WIDTH,
     )
     # The reference sees the same float32-rounded features the engine sees.
     ref = reference_metrics(
@@ -71,10 +76,12 @@ def test_layer_metrics_match_float64_reference(n, d, c, unbalanced):
         classifier=classifier,
         next_weight=next_weight,
         means=train_means,
+        probe_ridge=PROBE_RIDGE if d <= nc.PROBE_WIDTH else None,
     )
-    if d > nc.GRAM_MAX_WIDTH:  # sketched estimate, tested in its own test
+    if d > nc.GRAM_MAX_WIDTH:  # bracketed estimate, tested in its own test
         ref.pop("stable_rank")
         ours.pop("stable_rank")
+        ours.pop("stable_rank_min")
     _compare(ours, ref)
 
 
@@ -95,8 +102,8 @@ def test_streaming_in_chunks_equals_layer_metrics():
     h, y, rng = _random_case(3, 500, 20, 5)
     pred = rng.integers(0, 5, size=500)
     h, y, pred = torch.tensor(h), torch.tensor(y), torch.tensor(pred)
-    whole = layer_metrics(h, y, 5, predictions=pred)
-    acc = TapAccumulator(5, 20)
+    whole = layer_metrics(h, y, 5, predictions=pred, probe=True)
+    acc = TapAccumulator(5, 20, probe="fit")
     for lo in range(0, 500, 37):
         acc.add_pass1(h[lo : lo + 37], y[lo : lo + 37])
     acc.end_pass1()
@@ -112,7 +119,13 @@ def test_features_at_a_simplex_etf_are_fully_collapsed(c, d):
     h, y, vertices = simplex_etf_features(c, d, per_class=7, scale=2.5)
     classifier = vertices  # W^T = M when the global mean is 0: the self-dual classifier
     out = layer_metrics(
-        torch.tensor(h), torch.tensor(y), c, classifier=torch.tensor(classifier), predictions=torch.tensor(y)
+        torch.tensor(h),
+        torch.tensor(y),
+        c,
+        classifier=torch.tensor(classifier),
+        predictions=torch.tensor(y),
+        next_weight=torch.tensor(classifier),
+        probe=True,
     )
     for key in (
         "nc1",
@@ -120,12 +133,20 @@ def test_features_at_a_simplex_etf_are_fully_collapsed(c, d):
         "nc2_equinorm",
         "nc2_equiangle",
         "nc2_etf",
+        "gnc2_spread",
         "cdnv",
         "nc3",
+        "unc3",
+        "nc2w_equinorm",
+        "nc2w_equiangle",
         "ncc_mismatch",
     ):
         assert out[key] == pytest.approx(0.0, abs=1e-10), key
-    assert out["ncc_acc"] == 1.0
+    # Liu et al. 2023: the simplex ETF minimises the log-kernel energy at -log sqrt(2C/(C-1)).
+    assert out["gnc2_energy"] == pytest.approx(-np.log(np.sqrt(2 * c / (c - 1))), abs=1e-12)
+    assert out["nc1_cond"] == pytest.approx(1.0, abs=1e-9)  # the ETF's C-1 singular values are equal
+    assert out["ncc_acc"] == 1.0 and out["probe_acc"] == 1.0
+    assert out["nc3_alignment"] == pytest.approx(1.0, abs=1e-12)
     assert out["stable_rank"] == 0.0  # no within-class spread at all
 
 
@@ -158,20 +179,164 @@ def test_weight_whose_top_subspace_is_range_of_means_is_aligned():
     assert out["nc3_alignment"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_sketched_stable_rank_of_wide_collapsing_features_is_close():
-    """Wide taps estimate ||H||_2 from a sketch: a lower bound on it, tight for a dominant direction."""
-    rng = np.random.default_rng(8)
-    n, d, c = 400, nc.GRAM_MAX_WIDTH + 500, 4
+def _spectrum_case(kind, n, d, c=4, seed=0):
+    """Class clusters whose within-class spread has a flat, power-law (1/j) or rank-5 spectrum."""
+    rng = np.random.default_rng(seed)
     y = np.arange(n) % c
-    direction = rng.standard_normal(d)
-    h = (
-        5 * rng.standard_normal((c, d))[y]
-        + rng.standard_normal((n, 1)) * direction
-        + 0.05 * rng.standard_normal((n, d))
+    if kind == "flat":
+        noise = rng.standard_normal((n, d))
+    else:
+        r = n if kind == "power-law" else 5
+        scales = np.arange(1, r + 1) ** -0.5 if kind == "power-law" else np.ones(r)
+        noise = (rng.standard_normal((n, r)) * scales) @ rng.standard_normal((r, d))
+    return 5 * rng.standard_normal((c, d))[y] + noise, y
+
+
+@pytest.mark.parametrize("kind", ["flat", "power-law", "low-rank"])
+def test_wide_stable_rank_is_bracketed_on_every_spectrum(kind):
+    """Taps wider than GRAM_MAX_WIDTH: ``stable_rank`` never undershoots the exact value (no collapse is
+    invented) and ``stable_rank_min`` never overshoots it (the bound of ``_spectral_bounds``). Both are
+    exact for a low-rank spread, stable_rank is exact for a decaying spectrum; a flat one is the hard case.
+    Before version 2, the 32-column sketch gave +27% (flat) and +8% (power-law) here."""
+    n, d = 600, 16_384
+    h, y = _spectrum_case(kind, n, d)
+    h = np.float64(np.float32(h))
+    centred = h - np.stack([h[y == k].mean(0) for k in range(4)])[y]
+    # ||H||_2^2 from the N x N Gram (the reference's d x d matrices would be 2 GiB here).
+    exact = np.sum(centred**2) / np.linalg.eigvalsh(centred @ centred.T)[-1]
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), 4)
+    # The subspace products run in float32: a Ritz value may exceed lambda_max by their rounding.
+    slack = 1e-5
+    assert out["stable_rank_min"] * (1 - slack) <= exact <= out["stable_rank"] * (1 + slack)
+    if kind == "low-rank":
+        assert out["stable_rank_min"] == pytest.approx(exact, rel=1e-4)
+    if kind != "flat":
+        assert out["stable_rank"] == pytest.approx(exact, rel=1e-3)
+    else:
+        assert out["stable_rank"] <= 1.15 * exact
+
+
+def _shifted_class_case(eps, d=6, c=3, per=10, seed=0):
+    """Class 1 is class 0's samples shifted by ``eps * u``: one between-class direction of size ~eps."""
+    rng = np.random.default_rng(seed)
+    centres = 3 * rng.standard_normal((c, d))
+    base = centres[0] + rng.standard_normal((per, d))
+    u = rng.standard_normal(d)
+    rows = [base, base + eps * u / np.linalg.norm(u)]
+    rows += [centres[k] + rng.standard_normal((per, d)) for k in range(2, c)]
+    return np.concatenate(rows), np.repeat(np.arange(c), per)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-4, 1e-6, 1e-8])
+def test_nc1_keeps_every_direction_float64_resolves(eps):
+    """Definition version 2: a small but real between-class direction is kept. With the 1e-10 eigenvalue
+    cut of version 1, eps = 1e-4 (sigma_min / sigma_max = 8e-6) gave nc1 = 0.0105, 'collapsed', where
+    the exact value is 1.2e8."""
+    h, y = _shifted_class_case(eps)
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), 3)
+    exact = exact_nc1(h, y)
+    # Rounding of the means perturbs M by ~eps_64 ||h||; sigma_min moves by that (Weyl), and nc1 ~
+    # sigma_min^-2 moves by twice the relative change: 2 cond(M) eps_64 ||h|| / ||M||, with room.
+    sv = np.linalg.svd(np.stack([h[y == k].mean(0) for k in range(3)]).T, compute_uv=False)
+    bound = 64 * EPS * out["nc1_cond"] * max(1.0, np.abs(h).max() * np.sqrt(h.shape[1]) / sv[0])
+    assert out["nc1"] == pytest.approx(exact, rel=bound)
+    assert out["nc1"] > 0.01 / eps**2  # nothing near collapse: the classes differ by eps, the spread ~1
+    assert out["nc1_cond"] == pytest.approx(reference_metrics(h, y, 3)["nc1_cond"], rel=bound)
+
+
+def test_nc1_drops_only_what_float64_cannot_resolve():
+    """Two classes at exactly the same mean up to rounding give a direction below the rule: it is left out
+    (nc1 stays finite and is that of the other directions), not inverted into 1e30."""
+    h, y = _shifted_class_case(0.0)
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), 3)
+    assert np.isfinite(out["nc1"]) and out["nc1"] < 1e3
+    assert out["cdnv"] == np.inf  # the coinciding pair is still visible where it belongs
+
+
+def test_nc3_alignment_of_an_etf_consumer_is_stable_under_tiny_perturbations():
+    """An ETF classifier has rank C-1: version 1's top-C subspace took an arbitrary null direction and moved
+    from 0.366 to 0.345-0.357 under a 1e-13 perturbation. Against the top-(C-1) subspace it does not
+    move; for a hidden ETF layer (H-1 tied singular values) every tied vector belongs to the subspace."""
+    c, d = 5, 32
+    h, y, _ = _random_case(11, 300, d, c)
+    rng = np.random.default_rng(12)
+    for weight in (simplex_etf(c, d).double(), simplex_etf(d, d).double()):
+        base = layer_metrics(torch.tensor(h), torch.tensor(y), c, next_weight=weight)["nc3_alignment"]
+        for _ in range(5):
+            noise = torch.tensor(1e-13 * rng.standard_normal(weight.shape))
+            moved = layer_metrics(torch.tensor(h), torch.tensor(y), c, next_weight=weight + noise)
+            assert moved["nc3_alignment"] == pytest.approx(base, abs=1e-9)
+    # Collapsed features whose means span the classifier's row space are aligned, perturbed or not.
+    hc, yc, vertices = simplex_etf_features(c, d, per_class=4)
+    etf_w = torch.tensor(vertices) + 1e-13 * torch.randn(c, d, dtype=torch.float64)
+    assert layer_metrics(torch.tensor(hc), torch.tensor(yc), c, next_weight=etf_w)["nc3_alignment"] == (
+        pytest.approx(1.0, abs=1e-12)
     )
-    ours = layer_metrics(torch.tensor(h), torch.tensor(y), c)["stable_rank"]
-    exact = reference_metrics(h, y, c)["stable_rank"]
-    assert exact <= ours <= 1.05 * exact
+    # The weight branch (no precomputed SVD) agrees with the stacked one.
+    M = torch.tensor(np.stack([h[y == k].mean(0) for k in range(c)]).T)
+    M = M - M.mean(1, keepdim=True)
+    w = torch.randn(9, d, dtype=torch.float64)
+    sv, vh = nc.weight_svd(w)
+    assert nc.nc3_alignment(M, w) == pytest.approx(float(nc.nc3_alignment(M, sv=sv, vh=vh)), abs=1e-14)
+
+
+def test_unc3_and_classifier_nc2_on_constructed_weights():
+    """Rows w_c at known angles a_c to the class means give unc3 = Var(a); rows of equal norm at a simplex
+    give nc2w = 0, rows of norms 1 and 3 give nc2w_equinorm = std/mean = 0.5 (Papyan et al. 2020)."""
+    c, d = 4, 12
+    h, y, _ = _random_case(13, 200, d, c)
+    mu = np.stack([h[y == k].mean(0) for k in range(c)])
+    M = mu - mu.mean(0)
+    a = np.array([0.9, 0.5, -0.2, 0.3])
+    rng = np.random.default_rng(14)
+    rows = []
+    for k in range(c):
+        m_hat = M[k] / np.linalg.norm(M[k])
+        n = rng.standard_normal(d)
+        n -= (n @ m_hat) * m_hat
+        rows.append(2.0 * (a[k] * m_hat + np.sqrt(1 - a[k] ** 2) * n / np.linalg.norm(n)))
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), c, classifier=torch.tensor(np.stack(rows)))
+    assert out["unc3"] == pytest.approx(np.var(a), rel=1e-12)
+    etf_rows = simplex_etf(c, d).double()
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), c, classifier=etf_rows)
+    assert out["nc2w_equinorm"] == pytest.approx(0.0, abs=1e-12)
+    assert out["nc2w_equiangle"] == pytest.approx(0.0, abs=1e-12)
+    scaled = etf_rows * torch.tensor([[1.0], [3.0], [1.0], [3.0]], dtype=torch.float64)
+    out = layer_metrics(torch.tensor(h), torch.tensor(y), c, classifier=scaled)
+    assert out["nc2w_equinorm"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_gnc2_of_two_antipodal_pairs():
+    """Four unit directions at +-e1, +-e2: pair distances sqrt(2) (x4, ordered x2) and 2 (x2, ordered x2):
+    energy = -(4 log sqrt2 + 2 log 2)/6, spread the std of those six values."""
+    vertices = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    y = np.repeat(np.arange(4), 3)
+    out = layer_metrics(torch.tensor(vertices[y]), torch.tensor(y), 4)
+    values = np.array([-np.log(np.sqrt(2))] * 4 + [-np.log(2.0)] * 2)
+    assert out["gnc2_energy"] == pytest.approx(values.mean(), rel=1e-12)
+    assert out["gnc2_spread"] == pytest.approx(values.std(), rel=1e-12)
+
+
+def test_probe_on_wide_taps_is_the_ridge_probe_of_their_projection():
+    """Taps wider than PROBE_WIDTH are probed through a fixed Gaussian map: the reference's ridge probe of
+    the projected features gives the same accuracy; separable classes give 1, a second split is scored
+    with the train fit."""
+    n, d, c = 300, nc.PROBE_WIDTH + 300, 3
+    h, y, _ = _random_case(15, n, d, c, spread=8.0)
+    projection = nc._probe_projection(d, torch.device("cpu"))
+    ours = layer_metrics(torch.tensor(h), torch.tensor(y), c, probe=True)["probe_acc"]
+    ref = reference_metrics(h @ projection.numpy(), y, c, probe_ridge=PROBE_RIDGE)["probe_acc"]
+    assert ours == ref
+    separable, ys, _ = _random_case(16, 200, 20, 4, spread=0.1)
+    train, test = torch.tensor(separable[:100]), torch.tensor(separable[100:])
+    fit = TapAccumulator(4, 20, probe="fit")
+    fit.add_pass1(train, torch.tensor(ys[:100]))
+    fit.end_pass1()
+    score = TapAccumulator(4, 20, probe="score")
+    score.add_pass1(test, torch.tensor(ys[100:]))
+    score.end_pass1(probe=fit.probe_weights)
+    score.add_pass2(test, torch.tensor(ys[100:]))
+    assert score.result()["probe_acc"] == 1.0
 
 
 def test_absent_class_is_left_out():
@@ -285,7 +450,7 @@ def test_stacked_members_equal_each_model_alone(d):
         assert set(stacked[i]) == set(alone)
         for key in alone:
             # The wide tap's sketch products run in float32, where a batched product rounds differently.
-            rel = 1e-5 if key == "stable_rank" and d > GRAM_MAX_WIDTH else 1e-10
+            rel = 1e-5 if key.startswith("stable_rank") and d > GRAM_MAX_WIDTH else 1e-10
             assert stacked[i][key] == pytest.approx(alone[key], rel=rel, abs=1e-12), (i, key)
 
 

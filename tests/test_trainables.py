@@ -130,6 +130,39 @@ def test_metric_pass_is_the_same_with_kept_or_recomputed_taps(monkeypatch):
         assert recomputed[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+def test_probe_is_fit_on_train_and_scored_on_every_split():
+    """metrics.probe: each tap gets probe_acc on both splits; the test split is scored with the train fit
+    (the same probe_fit the metric tests check against scikit-learn), so it is the held-out accuracy."""
+    from trainables.measure import measure
+    from trainables.metrics import TapAccumulator
+
+    cfg = TrialConfig.model_validate({**SMALL, "metrics": {"every": 1, "probe": True}})
+    trainer = Trainer(cfg)
+    trainer.train_epoch()
+    out = measure(trainer.model, trainer.splits, 4, batch_size=64, collapse=True, probe=True)
+    assert {f"probe_acc/{s}/{t}" for s in ("train", "test") for t in ("fc1", "fc2", "fc3")} <= set(out)
+    assert not any(
+        k.startswith("probe_acc/")
+        for k in measure(trainer.model, trainer.splits, 4, batch_size=64, collapse=True)
+    )
+    x, y = trainer.splits["train"]
+    xt, yt = trainer.splits["test"]
+    with torch.no_grad():
+        h, ht = trainer.model.eval().forward_taps(x)[1]["fc2"], trainer.model.forward_taps(xt)[1]["fc2"]
+    fit = TapAccumulator(4, h.shape[1], probe="fit")
+    fit.add_pass1(h, y)
+    fit.end_pass1()
+    score = TapAccumulator(4, h.shape[1], probe="score")
+    score.add_pass1(ht, yt)
+    score.end_pass1(fit.means[0], probe=fit.probe_weights)
+    score.add_pass2(ht, yt)
+    assert out["probe_acc/test/fc2"] == score.result()["probe_acc"]
+    # A Trainer with the option logs it with the other per-layer metrics.
+    rep = Collect()
+    train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 1})}), rep)
+    assert "probe_acc/test/fc3" in rep.epochs[0][1]
+
+
 def test_divergence_is_a_clear_error():
     cfg = TrialConfig.model_validate(
         {

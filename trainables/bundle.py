@@ -186,13 +186,18 @@ class Bundle:
         for i in live:
             member = self.members[i]
             metrics = member.cfg.metrics
-            key = (member.collapse_due(member.epoch + 1), metrics.max_samples, metrics.batch_size)
+            key = (
+                member.collapse_due(member.epoch + 1),
+                metrics.max_samples,
+                metrics.batch_size,
+                metrics.probe,
+            )
             groups.setdefault(key, []).append(i)
         chunk = self.measure_chunk
         measured: dict[int, dict[str, float]] = {}
         self.template.eval()
         try:
-            for (collapse, _, batch_size), indices in groups.items():
+            for (collapse, _, batch_size, probe), indices in groups.items():
                 for lo in range(0, len(indices), chunk):
                     part = indices[lo : lo + chunk]
                     values = measure_stack(
@@ -203,6 +208,7 @@ class Bundle:
                         collapse=collapse,
                         loss=self.cfgs[0].train.loss,
                         labels=[f"member {i} (seed {self.cfgs[i].seed})" for i in part],
+                        probe=probe,
                     )
                     measured.update(zip(part, values))
         finally:

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PositiveInt, Tag, model_validator
 
-METRIC_DEFINITIONS_VERSION = "1"
+METRIC_DEFINITIONS_VERSION = "2"
 """Bumped whenever a metric's definition changes, so runs logged under another definition are told apart."""
 
 
@@ -178,6 +178,9 @@ class MetricsConfig(Frozen):
     batch_size: Annotated[int, Field(ge=1)] = 2048
     effective_depth_eps: list[Annotated[float, Field(ge=0, le=1)]] = [0.1, 0.05, 0.01]
     """Thresholds for the effective depth L0(eps); the first is the headline value (seed 000 §3)."""
+    probe: bool = False
+    """Per-tap linear-probe accuracy (``probe_acc``): a closed-form ridge classifier fit on the train
+    metric subset, scored on every split (:func:`trainables.metrics.probe_fit`)."""
 
 
 class EtfDepth(Frozen):

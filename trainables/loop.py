@@ -261,6 +261,7 @@ class Trainer:
                 batch_size=cfg.metrics.batch_size,
                 collapse=collapse,
                 loss=cfg.train.loss,
+                probe=cfg.metrics.probe,
             )
         metrics.update(batch_loss=batch_loss, lr=lr)
         if self.interpolation_epoch == 0 and metrics["train_acc"] >= INTERPOLATION_ACC:

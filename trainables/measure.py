@@ -86,6 +86,7 @@ def measure(
     batch_size: int,
     collapse: bool,
     loss: str = "ce",
+    probe: bool = False,
 ) -> dict[str, float]:
     """Measure ``model`` on ``splits`` (``{"train": (x, y), "test": (x, y)}``, train first).
 
@@ -93,15 +94,16 @@ def measure(
     when ``collapse``, every metric of :func:`trainables.metrics.layer_metrics` for every tap and split,
     with NCC decisions on every split made against the train class means (004 Def. 6). A tap whose
     features are degenerate at this epoch (e.g. a dead layer of constant features) is left out for this
-    epoch with a warning on stderr.
+    epoch with a warning on stderr. ``probe``: adds each tap's linear-probe accuracy ``probe_acc``, fit on
+    the train split and scored on every split.
     """
     was_training = model.training
     model.eval()
     try:
         stack = ModelStack.of(model)
-        return measure_stack(stack, splits, num_classes, batch_size=batch_size, collapse=collapse, loss=loss)[
-            0
-        ]
+        return measure_stack(
+            stack, splits, num_classes, batch_size=batch_size, collapse=collapse, loss=loss, probe=probe
+        )[0]
     finally:
         model.train(was_training)
 
@@ -116,6 +118,7 @@ def measure_stack(
     collapse: bool,
     loss: str = "ce",
     labels: list[str] | None = None,
+    probe: bool = False,
 ) -> list[dict[str, float]]:
     """:func:`measure` for every model of ``stack`` at once (already in eval mode): one dict per member,
     each what that model measured alone gives. ``labels`` name the members in warnings."""
@@ -138,7 +141,10 @@ def measure_stack(
             correct += (predictions == yb).sum(-1)
             for name, h in taps.items():
                 if name not in taps_acc:
-                    taps_acc[name] = TapAccumulator(num_classes, h[0, 0].numel(), h.device, members=m)
+                    role = ("fit" if split == "train" else "score") if probe else None
+                    taps_acc[name] = TapAccumulator(
+                        num_classes, h[0, 0].numel(), h.device, members=m, probe=role
+                    )
                 taps_acc[name].add_pass1(h, yb)
             if kept is not None:
                 per_sample = sum(h[0, 0].numel() * h.element_size() for h in taps.values())
@@ -167,6 +173,7 @@ def measure_stack(
         print(f"warning: {who}{where}: no NC metrics this epoch: {reason}", file=sys.stderr)
 
     train_means: dict[str, torch.Tensor] = {}
+    train_probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     dropped: dict[str, set[int]] = {}  # tap -> members without train statistics this epoch
     live: dict[str, dict[str, TapAccumulator]] = {}
     for split, taps_acc in accumulators.items():
@@ -175,7 +182,10 @@ def measure_stack(
             if split != "train" and name not in train_means:
                 continue
             try:
-                means = acc.end_pass1(None if split == "train" else train_means[name])
+                if split == "train":
+                    means = acc.end_pass1()
+                else:
+                    means = acc.end_pass1(train_means[name], probe=train_probes.get(name))
             except DegenerateFeaturesError as err:
                 warn(None, f"{split}/{name}", err)
                 continue
@@ -185,6 +195,8 @@ def measure_stack(
             if split == "train":
                 train_means[name] = means
                 dropped[name] = set(acc.degenerate)
+                if probe:
+                    train_probes[name] = acc.probe_weights
             if len(dropped[name] | set(acc.degenerate)) < m:
                 live[split][name] = acc
 

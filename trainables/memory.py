@@ -21,7 +21,7 @@ import torch
 from trainables.config import TrialConfig
 from trainables.data import dataset_info
 from trainables.measure import CACHE_BYTES
-from trainables.metrics import GRAM_MAX_WIDTH
+from trainables.metrics import ERROR_PROBES, GRAM_MAX_WIDTH, PROBE_WIDTH, SKETCH_WIDTH
 from trainables.models import build_model
 
 CUDA_CONTEXT_BYTES = 600 << 20
@@ -86,10 +86,17 @@ def estimate_bytes(cfg: TrialConfig, members: int = 1) -> int:
     return CUDA_CONTEXT_BYTES + data + members * (weights + activations) + together * metric
 
 
+def wide_tap_bytes(d: int) -> int:
+    """Pass 2's spectral statistics of a tap wider than GRAM_MAX_WIDTH: the subspace (float32) and S
+    applied to it (float64), the error probes (float32) and S applied to them (float64)."""
+    return d * (2 * SKETCH_WIDTH * (4 + 8) + ERROR_PROBES * (4 + 8))
+
+
 def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
     """The metric pass of one model: one metric batch of taps in float64, pass 1's taps kept up to
-    ``measure.CACHE_BYTES``, the float64 Gram of every tap up to ``metrics.GRAM_MAX_WIDTH``.
-    ``tap_widths``: when the caller has the model's taps already."""
+    ``measure.CACHE_BYTES``, and per split the float64 Gram of every tap up to
+    ``metrics.GRAM_MAX_WIDTH`` (:func:`wide_tap_bytes` for wider ones) and the probe's statistics when
+    ``metrics.probe`` is on. ``tap_widths``: when the caller has the model's taps already."""
     if tap_widths is None:
         info = dataset_info(cfg)
         with torch.device("meta"):
@@ -99,7 +106,12 @@ def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
     measured = min(n_train, cfg.metrics.max_samples) + n_test
     metric_batch = min(cfg.metrics.batch_size, measured)
     metric = 8 * metric_batch * sum(tap_widths) + min(CACHE_BYTES, 4 * measured * sum(tap_widths))
-    return metric + sum(8 * d * d for d in tap_widths if d <= GRAM_MAX_WIDTH)
+    statistics = sum(8 * d * d if d <= GRAM_MAX_WIDTH else wide_tap_bytes(d) for d in tap_widths)
+    if cfg.metrics.probe:  # the Gram of the (projected) tap, and the projection of a wide one
+        statistics += sum(
+            8 * min(d, PROBE_WIDTH) ** 2 + 8 * d * PROBE_WIDTH * (d > PROBE_WIDTH) for d in tap_widths
+        )
+    return metric + 2 * statistics  # both splits' accumulators live through pass 2
 
 
 def members_measured_together(members: int, metric: int) -> int:
