@@ -13,6 +13,8 @@ import copy
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ with the same trials instead of being refused as a changed spec and trained agai
 now on belongs here with its default; ``tests/test_spec.py`` fails on one that is missing."""
 
 CASES_KEY = "cases"
+MAX_TRIALS_ENV = "SWEEPER_MAX_TRIALS"
+DEFAULT_MAX_TRIALS = 20_000
+"""A grid is refused, before anything is expanded, past this many trials (``SWEEPER_MAX_TRIALS``
+overrides it): validating a trial takes about a millisecond, so 20,000 keep ``validate`` under a minute."""
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
@@ -334,12 +340,32 @@ def load_spec(
     return load_spec_text(text, source, overrides, name, smoke)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"line {line}: key {key!r} appears twice (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec_text(
     text: str, source: str, overrides: list[str] = (), name: str | None = None, smoke: bool = False
 ) -> LoadedSpec:
     """``load_spec`` on text already read (a frozen spec in a sweep directory, which may be remote)."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise SpecError(f"{source}: {err}; a mapping names each key once") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{source}: not valid YAML: {err}") from None
     if data is None:
@@ -433,12 +459,53 @@ def _assignments(grid: dict[str, list[Any]]) -> list[list[tuple[str, list[tuple[
     return out
 
 
+def max_trials() -> int:
+    raw = os.environ.get(MAX_TRIALS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_TRIALS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SpecError(f"{MAX_TRIALS_ENV}={raw!r}: must be a positive whole number of trials")
+    return value
+
+
+def check_grid_size(loaded: LoadedSpec, assignments: list[list[Any]]) -> None:
+    """Count the grid's product from its keys' lengths (nothing expanded) and refuse one past the limit."""
+    sizes = {key: len(choices) for key, choices in zip(loaded.spec.grid, assignments)}
+    total = math.prod(sizes.values())
+    limit = max_trials()
+    if total > limit:
+        shown = " x ".join(f"{key} ({n})" for key, n in sizes.items())
+        raise SpecError(
+            f"{loaded.path}: grid: {shown} = {total:,} trials, more than the limit of {limit:,}; "
+            f"make the grid smaller (or set {MAX_TRIALS_ENV} to raise the limit)"
+        )
+
+
+def _build_key(data: dict[str, Any]) -> str:
+    """What building the model depends on: the trial config without the fields it never reads."""
+    data = {k: v for k, v in data.items() if k not in ("seed", "metrics", "checkpoint", "device")}
+    data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in MODEL_FREE_TRAIN_FIELDS}
+    data["svsl"] = {k: v for k, v in data.get("svsl", {}).items() if k != "alpha"}
+    return json.dumps(data, sort_keys=True)
+
+
+MODEL_FREE_TRAIN_FIELDS = ("optimizer", "schedule", "epochs", "compile")
+"""Trial fields no model build reads: ``plan`` and ``validate`` build one model per distinct rest."""
+
+
 def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
     """One :class:`PlannedTrial` per combination of the grid's values, in a stable order."""
     spec = loaded.spec
     base = {k: v for k, v in loaded.resolved.items() if k in TRIAL_FIELDS}
     trials, errors = [], []
-    for index, combo in enumerate(itertools.product(*_assignments(spec.grid))):
+    assignments = _assignments(spec.grid)
+    check_grid_size(loaded, assignments)
+    built: dict[str, str | None] = {}  # model problems by _build_key: seeds and lrs share one build
+    for index, combo in enumerate(itertools.product(*assignments)):
         data = json.loads(json.dumps(base))
         varying: dict[str, Any] = {}
         for _, pairs in combo:
@@ -463,7 +530,10 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
                 if msg not in errors:
                     errors.append(msg)
             continue
-        if problem := _model_problem(config):
+        build = _build_key(data)
+        if build not in built:
+            built[build] = _model_problem(config)
+        if problem := built[build]:
             described = ",".join(f"{k}={_short(v)}" for k, v in varying.items())
             msg = f"{loaded.path}: " + (f"trial {described}: " if varying else "") + problem
             if msg not in errors:

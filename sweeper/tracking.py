@@ -13,6 +13,7 @@ bundle waits for all of them before it reports the epoch to Tune, so the same ho
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -68,6 +69,30 @@ def default_tracking_uri() -> str:
     would silently write a throwaway database there (PITFALLS.md 7).
     """
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Without this tag MLflow 3's UI opens an experiment in its GenAI mode (traces, judges, 'Evaluations')."""
+
+
+def artifact_location(uri: str, sweep_dir: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside its store, never the working directory.
+
+    MLflow's default for a database store is ``./mlruns`` of whatever folder the experiment happened to
+    be created from. A SQLite store gets ``<its folder>/mlartifacts/<experiment>``; another database
+    (PostgreSQL, MySQL) ``mlartifacts/<experiment>`` beside the sweep directories (the ``--storage``
+    folder); a tracking server (http) and a file store keep their own (None).
+    """
+    if uri.startswith(("http://", "https://", "file:")) or "://" not in uri:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)
+    if uri.startswith("sqlite:///"):
+        store = Path(uri[len("sqlite:///") :])
+        return (store.parent / "mlartifacts" / folder).resolve().as_uri()
+    root = sweep_dir.rstrip("/").rsplit("/", 1)[0]
+    if "://" in root:
+        return f"{root}/mlartifacts/{folder}"
+    return (Path(root) / "mlartifacts" / folder).resolve().as_uri()
 
 
 def ui_command(uri: str) -> str:
@@ -143,7 +168,17 @@ def ensure_parent_run(
 ) -> tuple[str, str]:
     """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``."""
     exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    if exp is None:
+        experiment_id = client.create_experiment(
+            experiment,
+            artifact_location=artifact_location(client.tracking_uri, sweep_dir, experiment),
+            tags=EXPERIMENT_KIND,
+        )
+    else:
+        experiment_id = exp.experiment_id
+        if not any(k in exp.tags for k in EXPERIMENT_KIND):  # adopt an untagged one; keep a user's kind
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment_id, key, value)
     run = _find_run(client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
     if run is None:
         tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "parent", TAG_SPEC_HASH: spec_hash, TAG_SWEEP_DIR: sweep_dir}

@@ -125,11 +125,79 @@ def test_overrides_and_name(tmp_path):
         ("", r"spec.yaml: the spec is empty"),
         ("- a\n- b\n", r"spec.yaml: the spec must be a mapping"),
         ("name: [unclosed\n", r"spec.yaml: not valid YAML"),
+        ("name: a\nname: b\n", r"spec.yaml: line 2: key 'name' appears twice \(first on line 1\)"),
+        (
+            "name: t\ntrain:\n  epochs: 2\n  epochs: 3\n",
+            r"spec.yaml: line 4: key 'epochs' appears twice \(first on line 3\); a mapping names each",
+        ),
     ],
 )
 def test_rejections_name_file_and_field(tmp_path, text, expected):
     with pytest.raises(SpecError, match=expected):
         load_spec(write(tmp_path, text))
+
+
+HUGE_GRID = """
+name: t
+dataset: gaussian
+grid:
+  seed: {seeds}
+  train.optimizer.lr: {lrs}
+  train.optimizer.momentum: {momenta}
+  train.optimizer.weight_decay: {decays}
+"""
+
+
+def _huge(seeds=1000, lrs=100, momenta=100, decays=1000):
+    return HUGE_GRID.format(
+        seeds=list(range(seeds)),
+        lrs=[0.001 * (i + 1) for i in range(lrs)],
+        momenta=[i / momenta for i in range(momenta)],
+        decays=[1e-6 * i for i in range(decays)],
+    )
+
+
+def test_an_enormous_grid_is_refused_before_it_is_expanded(tmp_path, monkeypatch):
+    """10^10 trials: counted from the keys' lengths, refused naming each key and the product (it used to
+    keep validate busy past 30 s); SWEEPER_MAX_TRIALS moves the limit, and must be a number."""
+    monkeypatch.delenv("SWEEPER_MAX_TRIALS", raising=False)
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, _huge()))
+    assert str(err.value) == (
+        f"{tmp_path / 'spec.yaml'}: grid: seed (1000) x train.optimizer.lr (100) x "
+        "train.optimizer.momentum (100) x train.optimizer.weight_decay (1000) = 10,000,000,000 trials, "
+        "more than the limit of 20,000; make the grid smaller (or set SWEEPER_MAX_TRIALS to raise the limit)"
+    )
+    small = _huge(seeds=3, lrs=2, momenta=2, decays=2)
+    monkeypatch.setenv("SWEEPER_MAX_TRIALS", "20")
+    with pytest.raises(SpecError, match=r"= 24 trials, more than the limit of 20"):
+        load_spec(write(tmp_path, small))
+    monkeypatch.setenv("SWEEPER_MAX_TRIALS", "24")
+    assert len(expand(load_spec(write(tmp_path, small)))) == 24
+    monkeypatch.setenv("SWEEPER_MAX_TRIALS", "lots")
+    with pytest.raises(SpecError, match=r"SWEEPER_MAX_TRIALS='lots': must be a positive whole number"):
+        load_spec(write(tmp_path, small))
+
+
+def test_trials_that_build_the_same_model_build_it_once(tmp_path, monkeypatch):
+    """Seeds and optimizer settings do not change the model: validation builds one per distinct rest."""
+    import sweeper.spec
+
+    built = []
+    real = sweeper.spec._model_problem
+
+    def counting(config):
+        built.append(config)
+        return real(config)
+
+    monkeypatch.setattr(sweeper.spec, "_model_problem", counting)
+    loaded = load_spec(write(tmp_path, _huge(seeds=4, lrs=3, momenta=2, decays=1)))
+    built.clear()
+    assert len(expand(loaded)) == 24 and len(built) == 1
+    loaded = load_spec(write(tmp_path, MINIMAL + "  etf: [{depth: 0}, {depth: 1}]\n"))
+    built.clear()
+    assert len(expand(loaded)) == 8
+    assert len(built) == 4  # width x etf; seed shares
 
 
 def test_missing_file(tmp_path):

@@ -91,3 +91,44 @@ def test_background_epochs_are_stored_once_even_when_the_background_attempt_fail
         assert sorted(steps) == [1, 2, 3], (i, steps)
         acc = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "acc")}
         assert acc == pytest.approx({1: 0.1 + i, 2: 0.2 + i, 3: 0.3})
+
+
+def test_experiments_keep_artifacts_beside_their_store_and_open_in_training_mode(tmp_path, monkeypatch):
+    """MLflow's default puts a database store's artifacts in ./mlruns of the working directory: a sweep
+    run from another folder wrote its figures there. The sweeper's experiments keep them beside the
+    store, and carry the experiment-kind tag the UI needs to show training runs (an untagged experiment
+    is adopted, a user's own kind is kept)."""
+    from sweeper.tracking import EXPERIMENT_KIND, artifact_location, ensure_parent_run
+
+    (tmp_path / "store").mkdir()
+    uri = mlflow_uri(tmp_path / "store")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client = MlflowClient(uri)
+    common = dict(
+        sweep_name="s", spec_hash="h", spec_text="name: s\n", sweep_dir=str(tmp_path / "sweeps" / "s")
+    )
+    experiment_id, run_id = ensure_parent_run(client, experiment="fresh", sweep_id="a", **common)
+    experiment = client.get_experiment(experiment_id)
+    assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "fresh").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    client.log_text(run_id, "figure", "figures/f.txt")
+    assert list(elsewhere.iterdir()) == []
+    assert (tmp_path / "store" / "mlartifacts" / "fresh" / run_id / "artifacts" / "spec.yaml").exists()
+
+    untagged = client.create_experiment("untagged")
+    ensure_parent_run(client, experiment="untagged", sweep_id="b", **common)
+    assert (
+        client.get_experiment(untagged).tags["mlflow.experimentKind"]
+        == EXPERIMENT_KIND["mlflow.experimentKind"]
+    )
+    own = client.create_experiment("own", tags={"mlflow.experimentKind": "genai_development"})
+    ensure_parent_run(client, experiment="own", sweep_id="c", **common)
+    assert client.get_experiment(own).tags["mlflow.experimentKind"] == "genai_development"
+
+    # Other stores: a server keeps its own; another database puts them beside the sweep directories.
+    pg = "postgresql://u@127.0.0.1/db"
+    assert artifact_location("http://127.0.0.1:5000", "/x/sweeps/s", "e") is None
+    assert artifact_location(pg, "/x/sweeps/s", "a b/c") == "file:///x/sweeps/mlartifacts/a_b_c"
+    assert artifact_location(pg, "s3://b/sweeps/s", "e") == "s3://b/sweeps/mlartifacts/e"
