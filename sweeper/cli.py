@@ -72,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="output directory (default: <sweep dir>/report)")
     data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
-    prepare = data_verbs.add_parser("prepare", help="download a dataset's train and test splits into a root")
+    prepare = data_verbs.add_parser(
+        "prepare", help="put a dataset's train and test splits into a data root: a local copy, or a download"
+    )
     prepare.add_argument("dataset", help="mnist, fashion_mnist, cifar10, cifar100, svhn or stl10")
-    prepare.add_argument("--root", type=Path, required=True, help="data root to download into")
+    prepare.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="a local copy to import and verify (e.g. /usr/share/datasets/fashion-mnist from Debian's "
+        "dataset-fashion-mnist): the IDX files, compressed or not",
+    )
+    prepare.add_argument(
+        "--root", type=Path, default=None, help="data root (default: $SWEEPER_DATA, else ./data)"
+    )
     return parser
 
 
@@ -128,8 +139,9 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_data(dataset: str, root: Path) -> int:
-    from trainables.data import TORCHVISION, DatasetUnavailable, torchvision_split
+def prepare_data(dataset: str, root: Path | None, source: Path | None = None) -> int:
+    from trainables.data import TORCHVISION, DatasetUnavailable, default_data_root, torchvision_split
+    from trainables.local_copies import LocalCopyError, import_local_copy
 
     if dataset not in TORCHVISION:
         print(
@@ -137,7 +149,18 @@ def prepare_data(dataset: str, root: Path) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    root = root.expanduser().resolve()
+    root = (root or default_data_root()).expanduser().resolve()
+    if source is not None:
+        try:
+            target = import_local_copy(dataset, source.expanduser().resolve(), root)
+        except LocalCopyError as err:
+            print(f"error: data prepare: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        for train in (True, False):
+            x, _ = torchvision_split(dataset, root, train, download=False)
+            print(f"{dataset} {'train' if train else 'test'}: {len(x)} samples in {target}")
+        print(f"verified against the published files; trials read it with data.root: {root}")
+        return 0
     try:
         for train in (True, False):
             x, _ = torchvision_split(dataset, root, train, download=True)
@@ -177,7 +200,7 @@ def _fmt(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "data":
-        return prepare_data(args.dataset, args.root)
+        return prepare_data(args.dataset, args.root, args.source)
     if args.verb == "report":
         return report(args)
     if args.verb == "status":

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from trainables.config import DataConfig, TrialConfig
+from trainables.local_copies import known_copy
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,13 @@ TORCHVISION = {
 }
 
 
+def default_data_root() -> Path:
+    return Path(os.environ.get("SWEEPER_DATA") or "data").expanduser().resolve()
+
+
 def data_root(cfg: DataConfig) -> Path:
     """``data.root``, else ``$SWEEPER_DATA``, else ``./data``; absolute (Ray workers run elsewhere)."""
-    return Path(cfg.root or os.environ.get("SWEEPER_DATA") or "data").expanduser().resolve()
+    return Path(cfg.root).expanduser().resolve() if cfg.root else default_data_root()
 
 
 def torchvision_split(name: str, root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -127,11 +132,19 @@ def torchvision_split(name: str, root: Path, train: bool, download: bool) -> tup
         ds = cls(str(root), download=download, **split)
     except Exception as err:  # torchvision raises RuntimeError when absent, URLError/OSError on download
         how = "could not be downloaded" if download else "download is off (data.download: false)"
+        if (copy := known_copy(name)) is not None:
+            fix = (
+                f"A copy is on this machine: `python -m sweeper data prepare {name} --from {copy} "
+                f"--root {root}` verifies it and puts it there."
+            )
+        else:
+            fix = (
+                f"Stage it on a machine with internet with `python -m sweeper data prepare {name} --root "
+                f"DIR`, copy DIR here and point data.root or $SWEEPER_DATA at it."
+            )
         raise DatasetUnavailable(
             f"dataset '{name}' not found under {root} (torchvision looks for {root}/{folder}) and {how}: "
-            f"{type(err).__name__}: {' '.join(str(err).split())}. Stage it on a machine with internet with "
-            f"`python -m sweeper data prepare {name} --root DIR`, copy DIR here and point data.root "
-            f"or $SWEEPER_DATA at it."
+            f"{type(err).__name__}: {' '.join(str(err).split())}. {fix}"
         ) from None
     x = np.asarray(ds.data)
     y = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels)
