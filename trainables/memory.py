@@ -88,8 +88,9 @@ def estimate_bytes(cfg: TrialConfig, members: int = 1) -> int:
 
 def wide_tap_bytes(d: int) -> int:
     """Pass 2's spectral statistics of a tap wider than GRAM_MAX_WIDTH: the subspace (float32) and S
-    applied to it (float64), the error probes (float32) and S applied to them (float64)."""
-    return d * (2 * SKETCH_WIDTH * (4 + 8) + ERROR_PROBES * (4 + 8))
+    applied to it (float64), the error probes (float32) and S applied to them (float64), and the float32
+    rows gathered for one product (``metrics._SUBSPACE_ROWS``, 256)."""
+    return d * (2 * SKETCH_WIDTH * (4 + 8) + ERROR_PROBES * (4 + 8) + 4 * 256)
 
 
 def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:
