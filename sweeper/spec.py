@@ -485,7 +485,7 @@ def check_grid_size(loaded: LoadedSpec, assignments: list[list[Any]]) -> None:
         )
 
 
-def _build_key(data: dict[str, Any]) -> str:
+def model_key(data: dict[str, Any]) -> str:
     """What building the model depends on: the trial config without the fields it never reads."""
     data = {k: v for k, v in data.items() if k not in ("seed", "metrics", "checkpoint", "device")}
     data["train"] = {k: v for k, v in data.get("train", {}).items() if k not in MODEL_FREE_TRAIN_FIELDS}
@@ -530,7 +530,7 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
                 if msg not in errors:
                     errors.append(msg)
             continue
-        build = _build_key(data)
+        build = model_key(data)
         if build not in built:
             built[build] = _model_problem(config)
         if problem := built[build]:

@@ -199,6 +199,16 @@ def test_trials_that_build_the_same_model_build_it_once(tmp_path, monkeypatch):
     assert len(expand(loaded)) == 8
     assert len(built) == 4  # width x etf; seed shares
 
+    # plan counts parameters and memory once per distinct model too, with the same numbers per trial.
+    import sweeper.plan
+
+    builds = []
+    real_build = sweeper.plan.build_model
+    monkeypatch.setattr(sweeper.plan, "build_model", lambda *a: builds.append(a) or real_build(*a))
+    rows = sweeper.plan.plan_rows(load_spec(write(tmp_path, _huge(seeds=4, lrs=3, momenta=2, decays=1))))
+    assert len(rows) == 24 and len(builds) == 1
+    assert len({(r["trainable_params"], r["memory_mib"]) for r in rows}) == 1
+
 
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError, match=r"nope.yaml: no such file"):
