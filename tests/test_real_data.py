@@ -36,26 +36,18 @@ def fmnist_root(tmp_path_factory) -> Path:
     return root
 
 
+def _prepare(source: Path, root: Path) -> subprocess.CompletedProcess:
+    """``sweeper data prepare fashion_mnist --from SOURCE --root ROOT`` as a user runs it."""
+    command = ["data", "prepare", "fashion_mnist", "--from", str(source), "--root", str(root)]
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", *command], capture_output=True, text=True, timeout=300
+    )
+
+
 @needs_package
 def test_prepare_from_the_package_on_the_command_line(tmp_path):
     root = tmp_path / "root"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sweeper",
-            "data",
-            "prepare",
-            "fashion_mnist",
-            "--from",
-            str(PACKAGE),
-            "--root",
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _prepare(PACKAGE, root)
     assert proc.returncode == 0, proc.stderr
     assert "fashion_mnist train: 60000 samples" in proc.stdout
     assert "fashion_mnist test: 10000 samples" in proc.stdout
@@ -97,23 +89,7 @@ def test_a_changed_pixel_fails_on_the_command_line_with_one_line_and_exit_2(tmp_
     copy, expected = _damaged_copy(tmp_path, "one pixel changed")
     root = tmp_path / "root"
     root.mkdir()  # an existing root keeps only what it had
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sweeper",
-            "data",
-            "prepare",
-            "fashion_mnist",
-            "--from",
-            str(copy),
-            "--root",
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _prepare(copy, root)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
