@@ -9,6 +9,7 @@ works everywhere a directory does. Credentials come from the usual environment (
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,21 +69,38 @@ class Location:
         return info.type != pafs.FileType.NotFound
 
     def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode()
+
+    def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(f"{self.path}/{name}") as f:
-            return f.read().decode()
+            return f.read()
 
     def write_text(self, name: str, text: str) -> None:
-        """Write whole or not at all: a local temp file renamed into place; an object PUT is atomic."""
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write whole or not at all: a local temp file (synced to disk) renamed into place, so a reader sees
+        the old or the new file even when the writer is killed mid-write; an object PUT is atomic."""
         target = f"{self.path}/{name}"
         if self.is_local:
             Path(self.path).mkdir(parents=True, exist_ok=True)
-            tmp = Path(target + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, target)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".tmp-{Path(name).name}-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         else:
             self.fs.create_dir(self.path, recursive=True)
             with self.fs.open_output_stream(target) as f:
-                f.write(text.encode())
+                f.write(data)
+
+    def remove(self, name: str) -> None:
+        self.fs.delete_file(f"{self.path}/{name}")
 
     def __str__(self) -> str:
         return self.uri

@@ -7,6 +7,7 @@ spec again with the same storage resumes it; a different spec under the same nam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from sweeper import local_ray
+from sweeper.checkpoints import CHECKPOINT_DIR
 from sweeper.location import Location, LocationError, credential_env, parse_location
 from sweeper.spec import ADDED_FIELDS, LoadedSpec, PlannedTrial, SpecError, expand
 from trainables.config import TrialConfig
@@ -202,6 +205,8 @@ def run_sweep(
             "$SWEEPER_OPTUNA_STORAGE"
         )
     meta = prepare_sweep_dir(loaded, sweep_dir, tracking_uri)
+    # Before anything of this run starts: end a killed predecessor's leftovers, or refuse while it runs.
+    local_ray.end_predecessor(sweep_dir)
     tracking_uri = meta["tracking_uri"]
     client = MlflowClient(tracking_uri)
     experiment_id, parent_run_id = ensure_parent_run(
@@ -219,6 +224,8 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "sweep_id": meta["sweep_id"],
         "spec_hash": loaded.hash,
+        # Trials keep their own checkpoints there (sweeper.checkpoints), not in Tune's.
+        "checkpoints": sweep_dir.child(CHECKPOINT_DIR).uri,
     }
     points = [
         {
@@ -236,9 +243,6 @@ def run_sweep(
     # holds the metrics.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # num_to_keep forces an experiment snapshot after checkpoints: that narrows the replay window on
-    # resume (PITFALLS.md 1), so the warning that it happens often is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
     # the in-memory trial table and MLflow instead.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -248,61 +252,63 @@ def run_sweep(
     import ray
 
     started_ray = not ray.is_initialized()
-    if started_ray:
-        _init_ray(address, env_vars, verbose)
-    try:
-        searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
-        if spec.bundle != 1 and searcher is None:
-            points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
-        trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        experiment = sweep_dir.child(TUNE_DIR)
-        total = len(trials) if searcher is None else len(trials) * spec.search.optuna.trials_per_cell
-        # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
-        # location hands Tune its pyarrow filesystem.
-        fs = None if sweep_dir.is_local else sweep_dir.fs
-        if tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
-            tuner = tune.Tuner.restore(
-                experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
-            )
-        else:
-            if searcher is None:
-                param_space = {"point": tune.grid_search(points), "sweep": sweep_ctx}
-                search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
+    # Only a driver that starts its own local Ray leaves processes behind when it is killed.
+    recorder = local_ray.Recorder(sweep_dir) if started_ray and not address else contextlib.nullcontext()
+    callbacks = [ProgressPrinter(total_trials(loaded, trials), spec.objective.metric)] if progress else []
+    with recorder:
+        try:
+            if started_ray:
+                _init_ray(address, env_vars, verbose)
+            searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
+            if spec.bundle != 1 and searcher is None:
+                points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
+            trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+            experiment = sweep_dir.child(TUNE_DIR)
+            # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
+            # location hands Tune its pyarrow filesystem.
+            fs = None if sweep_dir.is_local else sweep_dir.fs
+            if tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
+                tuner = tune.Tuner.restore(
+                    experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
+                )
             else:
-                # The searcher hands out whole configs and ends the experiment (num_samples=-1).
-                param_space = {}
-                search_config = {"search_alg": searcher, "num_samples": -1}
-                if spec.search.prune is not None:
-                    from ray.tune.schedulers import ASHAScheduler
+                if searcher is None:
+                    param_space = {"point": tune.grid_search(points), "sweep": sweep_ctx}
+                    search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
+                else:
+                    # The searcher hands out whole configs and ends the experiment (num_samples=-1).
+                    param_space = {}
+                    search_config = {"search_alg": searcher, "num_samples": -1}
+                    if spec.search.prune is not None:
+                        from ray.tune.schedulers import ASHAScheduler
 
-                    search_config["scheduler"] = ASHAScheduler(
-                        time_attr="epoch",
-                        metric=spec.objective.metric,
-                        mode=spec.objective.mode,
-                        max_t=spec.train.epochs,
-                        grace_period=spec.search.prune.grace_period,
-                        reduction_factor=spec.search.prune.reduction_factor,
-                    )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    reuse_actors=True, trial_dirname_creator=trial_dirname, **search_config
-                ),
-                run_config=tune.RunConfig(
-                    name=TUNE_DIR,
-                    storage_path=sweep_dir.path,
-                    storage_filesystem=fs,
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[ProgressPrinter(total, spec.objective.metric)] if progress else [],
-                    verbose=0,
-                ),
-            )
-        grid = tuner.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
+                        search_config["scheduler"] = ASHAScheduler(
+                            time_attr="epoch",
+                            metric=spec.objective.metric,
+                            mode=spec.objective.mode,
+                            max_t=spec.train.epochs,
+                            grace_period=spec.search.prune.grace_period,
+                            reduction_factor=spec.search.prune.reduction_factor,
+                        )
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=param_space,
+                    tune_config=tune.TuneConfig(
+                        reuse_actors=True, trial_dirname_creator=trial_dirname, **search_config
+                    ),
+                    run_config=tune.RunConfig(
+                        name=TUNE_DIR,
+                        storage_path=sweep_dir.path,
+                        storage_filesystem=fs,
+                        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                        callbacks=callbacks,
+                        verbose=0,
+                    ),
+                )
+            grid = tuner.fit()
+        finally:
+            if started_ray:
+                ray.shutdown()
 
     outcomes = []
     for result in grid:
@@ -336,6 +342,11 @@ def run_sweep(
     return SweepResult(
         sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes, time.perf_counter() - started
     )
+
+
+def total_trials(loaded: LoadedSpec, trials: list[PlannedTrial]) -> int:
+    search = loaded.spec.search
+    return len(trials) if search is None else len(trials) * search.optuna.trials_per_cell
 
 
 def _explicit_optuna_storage(loaded: LoadedSpec) -> bool:

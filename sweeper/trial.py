@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from sweeper.checkpoints import TrialCheckpoint
 from sweeper.report import TAG_TAPS
 from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_SPEC_HASH, TrialTracker, with_retry
 from trainables.checkpoint import STATE_FILE, load_state, save_state
@@ -22,6 +23,7 @@ from trainables.config import TrialConfig
 from trainables.loop import train
 
 TAG_NODE = "sweeper.node"
+STATE_NAME = Path(STATE_FILE).stem  # a lone trial's state in its checkpoint
 
 
 def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -29,20 +31,53 @@ def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if "/" not in k}
 
 
+class Checkpoints:
+    """A Tune trial's saved states by name (``trial_state`` for a lone trial, the member's trial key in a
+    bundle): the sweeper's own file (sweeper.checkpoints), or Tune's checkpoints for a sweep started before
+    it had one (its context has no ``checkpoints``), read so that resuming it loses nothing."""
+
+    def __init__(self, point: dict[str, Any], sweep: dict[str, Any]) -> None:
+        folder = sweep.get("checkpoints")
+        self.own = TrialCheckpoint(folder, point["key"]) if folder else None
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        if self.own is not None:
+            states = self.own.load()
+            if states is not None:
+                return states
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return {}
+        with checkpoint.as_directory() as directory:
+            return {path.stem: load_state(path) for path in Path(directory).glob("*.pt")}
+
+    def report(self, result: dict[str, Any], states: dict[str, dict[str, Any]]) -> None:
+        """Save ``states`` (if any), then report ``result`` to Tune: the checkpoint is complete before Tune
+        counts the epoch done."""
+        if not states:
+            tune.report(result)
+        elif self.own is not None:
+            self.own.save(states)
+            tune.report(result)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
+                for name, state in states.items():
+                    save_state(state, Path(tmp) / f"{name}.pt")
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 class TuneReporter:
-    def __init__(self, tracker: TrialTracker) -> None:
+    def __init__(self, tracker: TrialTracker, checkpoints: Checkpoints) -> None:
         self.tracker = tracker
+        self.checkpoints = checkpoints
+        self.reported = False
 
     def report(self, epoch: int, metrics: dict[str, float], state: dict[str, Any] | None) -> None:
-        # MLflow first and synchronously: once Tune holds a checkpoint past this epoch, the epoch is logged.
+        # MLflow first and synchronously: once a checkpoint past this epoch exists, the epoch is logged.
+        self.reported = True
         self.tracker.log_epoch(epoch, metrics)
         result = {"epoch": epoch, **tune_metrics(metrics)}
-        if state is None:
-            tune.report(result)
-            return
-        with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
-            save_state(state, Path(tmp) / STATE_FILE)
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+        self.checkpoints.report(result, {} if state is None else {STATE_NAME: state})
 
 
 def _config(point: dict[str, Any]) -> TrialConfig:
@@ -86,7 +121,7 @@ def run_trial(params: dict[str, Any]) -> None:
     experiment and parent run ids, sweep id, spec hash."""
     point, sweep = params["point"], params["sweep"]
     if "bundle" in point:
-        run_bundle(point["bundle"], sweep)
+        run_bundle(point["bundle"], sweep, point["key"])
         return
     cfg = _config(point)
     taps = tap_names(cfg)
@@ -96,18 +131,20 @@ def run_trial(params: dict[str, Any]) -> None:
         final = tracker.latest_metrics()
         tune.report({"epoch": tracker.last_epoch, **tune_metrics(final)})
         return
-    checkpoint = tune.get_checkpoint()
-    state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_state(Path(directory) / STATE_FILE)
+    checkpoints = Checkpoints(point, sweep)
+    state = checkpoints.load().get(STATE_NAME)
     if state is not None:
         _mark_restored(tracker, state)
+    reporter = TuneReporter(tracker, checkpoints)
     try:
-        summary = train(cfg, TuneReporter(tracker), state)
+        summary = train(cfg, reporter, state)
     except Exception as err:
         tracker.fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
         raise
+    if not reporter.reported:
+        # Resumed from the last epoch's checkpoint (the driver died before the run was marked FINISHED):
+        # nothing was left to train, and Tune and the searcher still need the final result.
+        tune.report({"epoch": tracker.last_epoch, **tune_metrics(tracker.latest_metrics())})
     log_trial_figures(tracker, taps, point["name"])
     tracker.finish(summary)
 
@@ -122,9 +159,12 @@ class BundleReporter:
     server); once every member's epoch is logged, the bundle reports to Tune once, with every member's
     checkpoint slice (``<trial key>.pt``) together."""
 
-    def __init__(self, members: list[dict[str, Any]], trackers: list[TrialTracker]) -> None:
+    def __init__(
+        self, members: list[dict[str, Any]], trackers: list[TrialTracker], checkpoints: Checkpoints
+    ) -> None:
         self.members = members
         self.trackers = trackers
+        self.checkpoints = checkpoints
         self.latest: dict[int, dict[str, float]] = {}
         self.states: dict[int, dict[str, Any]] = {}
         self.failed: dict[int, str] = {}
@@ -158,19 +198,13 @@ class BundleReporter:
                 self.trackers[i].fail(self.failed[i])
 
     def epoch_done(self, epoch: int) -> None:
-        for tracker in self.trackers:  # MLflow first: Tune's checkpoint must not run ahead of the runs
+        for tracker in self.trackers:  # MLflow first: the checkpoint must not run ahead of the runs
             tracker.flush()
-        if not self.states:
-            tune.report(self.result())
-            return
-        with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
-            for i, state in self.states.items():
-                save_state(state, Path(tmp) / f"{self.members[i]['key']}.pt")
-            tune.report(self.result(), checkpoint=tune.Checkpoint.from_directory(tmp))
+        self.checkpoints.report(self.result(), {self.members[i]["key"]: s for i, s in self.states.items()})
         self.states = {}
 
 
-def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
+def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any], bundle_key: str) -> None:
     """Train a trial bundle (trainables.bundle): one Tune trial, one MLflow child run per member.
 
     Members whose run already FINISHED are not trained again; the others continue from their slices of
@@ -181,15 +215,10 @@ def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     cfgs = [_config(m) for m in members]
     taps = tap_names(cfgs[0])
     trackers = [_tracker(m, sweep, taps) for m in members]
-    reporter = BundleReporter(members, trackers)
-    states: dict[int, dict[str, Any]] = {}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            for i, m in enumerate(members):
-                path = Path(directory) / f"{m['key']}.pt"
-                if path.exists():
-                    states[i] = load_state(path)
+    checkpoints = Checkpoints({"key": bundle_key}, sweep)
+    reporter = BundleReporter(members, trackers, checkpoints)
+    saved = checkpoints.load()
+    states = {i: saved[m["key"]] for i, m in enumerate(members) if m["key"] in saved}
     active = []
     for i, tracker in enumerate(trackers):
         if tracker.finished:
@@ -219,6 +248,11 @@ def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
             trackers[i].fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
         raise
     reporter.mark_failures({i: r for i, r in zip(active, results) if isinstance(r, Exception)})
+    for i in active:
+        if i not in reporter.latest and i not in reporter.failed:
+            # Resumed from the last epoch's checkpoint: nothing to train, the final result is in MLflow.
+            tracker = trackers[i]
+            reporter.latest[i] = {"epoch": tracker.last_epoch, **tune_metrics(tracker.latest_metrics())}
     for i, outcome in zip(active, results):
         if not isinstance(outcome, Exception):
             log_trial_figures(trackers[i], taps, members[i]["name"])

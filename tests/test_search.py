@@ -1,11 +1,8 @@
-"""Bayesian search per grid cell with real Ray and real Optuna storage (SQLite and Postgres), and resume
-after a SIGKILL of the driver mid-search."""
+"""Bayesian search per grid cell with real Ray and real Optuna storage (SQLite and Postgres). Resuming
+after SIGKILLs of the driver mid-search is tests/test_kill_stress.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import optuna
@@ -17,7 +14,7 @@ from optuna.trial import TrialState
 from sweeper.orchestrate import run_sweep
 from sweeper.search import ORPHANED
 from sweeper.spec import SpecError, load_spec
-from tests.services import kill_tree, mlflow_uri, postgres_available, postgres_server, wait_for
+from tests.services import mlflow_uri, postgres_available, postgres_server
 
 pytestmark = pytest.mark.slow
 
@@ -198,41 +195,6 @@ def test_search_with_postgres_storage(tmp_path, local_ray):
         uri = mlflow_uri(tmp_path)
         run_sweep(loaded, storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False)
         _check_exact_budget(url, uri)
-
-
-def test_search_resumes_after_driver_sigkill(tmp_path):
-    spec = {
-        **SPEC,
-        "train": {"epochs": 6, "batch_size": 32},
-        "search": {**SPEC["search"], "optuna": {**SPEC["search"]["optuna"], "trials_per_cell": 4}},
-    }
-    path = _write(tmp_path, spec)
-    uri = mlflow_uri(tmp_path)
-    storage_url = f"sqlite:///{tmp_path / 'sweeps' / 'search' / 'optuna.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "sweeper", "run", str(path), "--storage", str(tmp_path / "sweeps")]
-
-    def complete_trials() -> int:
-        try:
-            return sum(
-                t.state == TrialState.COMPLETE for s in _studies(storage_url).values() for t in s.trials
-            )
-        except Exception:  # the storage does not exist yet
-            return 0
-
-    driver = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        assert wait_for(lambda: complete_trials() >= 2, timeout=300), "no trial finished before the kill"
-    finally:
-        kill_tree(driver.pid)  # mid-search: other trials are running or asked
-    assert complete_trials() < 8
-
-    resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    _check_exact_budget(storage_url, uri, budget=4)
 
 
 def test_search_space_is_validated_against_the_model(tmp_path):

@@ -123,14 +123,27 @@ class Sweep:
     def cli(self, *args):
         return _cli(self.tmp_path, self.uri, *args)
 
+    def fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint, scheme="http", access_key="test", secret_key="test"
+        )
+
     def files(self) -> set[str]:
         import pyarrow.fs as pafs
 
-        fs = pafs.S3FileSystem(
-            endpoint_override=self.endpoint, scheme="http", access_key="test", secret_key="test"
-        )
+        fs = self.fs()
         selector = pafs.FileSelector("sweeps/team/e2e", recursive=True)
         return {i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File}
+
+    def read_checkpoint(self, path: str) -> dict:
+        import io
+
+        import torch
+
+        with self.fs().open_input_stream(path) as f:
+            return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
 def test_cli_sweep_logs_every_layer_every_epoch(sweep):
@@ -150,17 +163,17 @@ def test_sweep_directory_lives_in_the_bucket_with_one_bundle_per_width(sweep):
     assert {"sweeps/team/e2e/sweep.json", "sweeps/team/e2e/spec.yaml"} <= files
     assert any(p.startswith("sweeps/team/e2e/tune/experiment_state") for p in files), files
     assert not (sweep.tmp_path / "sweeps").exists()
-    # Two Tune trials, one bundle per width; each checkpoint holds one slice per member trial.
+    # Two Tune trials, one bundle per width; each bundle's checkpoint (the sweeper's own, one file per Tune
+    # trial, not Tune's checkpoint folders) holds one slice per member trial, at the last epoch.
     _, _, children = _check_store(sweep.uri)
     keys = {c.data.tags["sweeper.trial_key"] for c in children}
-    slices: dict[str, set[str]] = {}
-    for path in files:
-        parts = path.split("/")
-        if parts[-2].startswith("checkpoint_") and parts[-1].endswith(".pt"):
-            slices.setdefault(parts[4], set()).add(parts[-1][: -len(".pt")])
-    assert len(slices) == 2 and all(d.startswith("trial_bundle-") for d in slices), sorted(files)
-    assert all(len(members) == 2 for members in slices.values())
-    assert set().union(*slices.values()) == keys
+    assert not [p for p in files if "/checkpoint_" in p], sorted(files)
+    checkpoints = sorted(p for p in files if p.startswith("sweeps/team/e2e/checkpoints/"))
+    assert len(checkpoints) == 2 and all(p.rsplit("/", 1)[1].startswith("bundle-") for p in checkpoints)
+    slices = [sweep.read_checkpoint(p) for p in checkpoints]
+    assert all(len(members) == 2 for members in slices)
+    assert set().union(*slices) == keys
+    assert {state["epoch"] for members in slices for state in members.values()} == {3}
 
 
 def test_report_table_equals_mlflow_and_figures_are_images(sweep):

@@ -1,0 +1,43 @@
+"""Trial checkpoints the sweeper owns: one file per Tune trial, ``<sweep dir>/checkpoints/<trial key>.pt``.
+
+Why not Tune's checkpoints: with ``CheckpointConfig(num_to_keep=k)`` Tune deletes old checkpoints while
+the experiment snapshot on storage may still name one of them, and a restore from that snapshot then fails
+on every retry (PITFALLS.md 21). Here nothing records which checkpoint to read: a trial reads the one file
+under its key, which is replaced whole (temp file + rename, or one object PUT) only after the new state is
+complete, so at every instant it holds the newest complete state. Disk: one checkpoint per trial (Tune kept
+two). MLflow is written before the file, so a checkpoint never runs ahead of the logged epochs.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from sweeper.location import Location, parse_location
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrialCheckpoint:
+    """The checkpoint file of one Tune trial (a lone trial's state, or a bundle's member states by key)."""
+
+    def __init__(self, folder: str, key: str) -> None:
+        self.location: Location = parse_location(folder)
+        self.name = f"{key}.pt"
+
+    def load(self) -> dict[str, Any] | None:
+        import torch
+
+        if not self.location.exists(self.name):
+            return None
+        # weights_only: no pickled code runs on load.
+        return torch.load(
+            io.BytesIO(self.location.read_bytes(self.name)), map_location="cpu", weights_only=True
+        )
+
+    def save(self, state: dict[str, Any]) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.location.write_bytes(self.name, buffer.getvalue())
