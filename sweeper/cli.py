@@ -126,15 +126,17 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from sweeper.report import make_report, render_table, resolve_sweep_dir
+    from sweeper.report import make_report, render_comparisons, render_table, resolve_sweep_dir
 
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
-        out, rows = make_report(sweep_dir, args.format, args.out)
-    except (FileNotFoundError, LocationError) as err:
+        out, rows, comparisons = make_report(sweep_dir, args.format, args.out)
+    except (FileNotFoundError, LocationError, SpecError) as err:
         print(f"error: report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(render_table(rows, "md"))
+    if comparisons:
+        print(render_comparisons(comparisons, "md"))
     print(f"report written to {out} and logged to the sweep's parent run under report/")
     return 0
 

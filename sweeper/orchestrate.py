@@ -71,6 +71,11 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
                     f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
                     f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
                 )
+            frozen = yaml.safe_load(sweep_dir.read_text("spec.yaml"))
+            if frozen.get("reference", []) != loaded.resolved.get("reference", []):
+                # Published numbers added or corrected since: `report` compares with the new ones.
+                frozen["reference"] = loaded.resolved["reference"]
+                sweep_dir.write_text("spec.yaml", yaml.safe_dump(frozen, sort_keys=False))
             return meta
         meta = {
             # Resolved once: a resumed sweep keeps its study storage even if the environment changed.

@@ -21,18 +21,23 @@ from mlflow.tracking import MlflowClient
 
 from sweeper import figures
 from sweeper.location import Location, LocationError, parse_location
+from sweeper.spec import (
+    PERCENT_COLUMNS,
+    REPORT_COLUMNS,
+    LoadedSpec,
+    expand,
+    load_spec_text,
+    reference_matches,
+)
 from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP
 
 TAG_TAPS = "sweeper.taps"
-COLUMNS = [
-    ("trainable_params", "trainable params"),
-    ("best_train_acc", "best train acc"),
-    ("best_test_acc", "best test acc"),
-    ("test_acc_at_interpolation", "test acc at IT"),
-    ("test_acc_at_end", "test acc at end"),
-    ("test_acc_at_best_epoch", "test acc at best epoch"),
-    ("effective_depth", "effective depth"),
-]
+COLUMNS = list(REPORT_COLUMNS.items())
+SPREAD_STDS = 2.0
+"""A published value is flagged when it lies more than this many sample standard deviations (over our
+seeds) from our mean. Were it the true mean of what we measure, it would lie inside with probability 0.93
+for 3 seeds (Student's t with 2 degrees of freedom: P(|t| <= 2 sqrt(3))); were it itself one seed's
+result, 0.77. So a flag says "look here", not "irreproducible"."""
 
 
 @dataclass
@@ -211,7 +216,74 @@ def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     return paths
 
 
-def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> tuple[Path, list[dict[str, Any]]]:
+def reference_comparisons(loaded: LoadedSpec, records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """Each published value of the spec's ``reference`` rows beside our mean and sample std over the
+    matched variant's finished trials, their difference, and whether the published value lies within
+    :data:`SPREAD_STDS` standard deviations of our mean. Accuracies in percent."""
+    if not loaded.spec.reference:
+        return []
+    configs = {}
+    for trial in expand(loaded):
+        configs.setdefault(trial.cell, trial.config)
+    out = []
+    for ref in loaded.spec.reference:
+        for cell, config in configs.items():
+            if not reference_matches(ref, config):
+                continue
+            members = [r for r in records if r.cell == cell]
+            for key, paper in ref.values.items():
+                scale = 100.0 if key in PERCENT_COLUMNS else 1.0
+                ours = [scale * r.values[key] for r in members if r.values[key] is not None]
+                out.append(_comparison(cell, key, ours, paper, ref.source))
+    return out
+
+
+def _comparison(cell: str, key: str, ours: list[float], paper: float, source: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": cell, "column": key, "n": len(ours), "paper": paper, "source": source}
+    if not ours:
+        return {**row, "mean": None, "std": None, "difference": None, "check": "no finished trial"}
+    mean = statistics.fmean(ours)
+    std = statistics.stdev(ours) if len(ours) > 1 else None
+    if std is None:
+        check = "1 seed: no spread to compare with"
+    elif abs(paper - mean) <= SPREAD_STDS * std:
+        check = "within"
+    else:
+        check = f"OUTSIDE mean ± {SPREAD_STDS:g} std"
+    return {**row, "mean": mean, "std": std, "difference": paper - mean, "check": check}
+
+
+def render_comparisons(comparisons: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(comparisons, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(comparisons[0]))
+        writer.writeheader()
+        writer.writerows(comparisons)
+        return out.getvalue()
+    header = ["variant", "column", "seeds", "ours", "paper", "paper - ours", "check", "source"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for c in comparisons:
+        digits = 0 if c["column"] == "trainable_params" else 2
+        ours = "-" if c["mean"] is None else f"{c['mean']:,.{digits}f}"
+        if c["std"] is not None:
+            ours += f" ± {c['std']:,.{digits}f}"
+        diff = "-" if c["difference"] is None else f"{c['difference']:+,.{digits}f}"
+        cells = [c["variant"], REPORT_COLUMNS[c["column"]], str(c["n"]), ours, f"{c['paper']:,.{digits}f}"]
+        lines.append("| " + " | ".join(cells + [diff, c["check"], c["source"]]) + " |")
+    lines.append("")
+    lines.append(
+        "Published values from the spec's reference section. Ours: mean ± sample std over the variant's "
+        f"finished trials (accuracies in percent); check: whether the published value lies within "
+        f"{SPREAD_STDS:g} std of our mean (with one seed there is no spread to check against)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def make_report(
+    sweep_dir: Location, fmt: str, out: Path | None
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     """Write the table and figures to ``out`` (default ``<sweep dir>/report``, or ``./report/<name>`` for a
     sweep in an object store) and log them to the parent run."""
     meta = json.loads(sweep_dir.read_text("sweep.json"))
@@ -223,9 +295,17 @@ def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> tuple[Path, 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(parent, records)
+    loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
+    comparisons = reference_comparisons(loaded, records)
     table = out / f"results.{fmt}"
-    table.write_text(render_table(rows, fmt))
+    text = render_table(rows, fmt)
+    if comparisons:
+        if fmt == "md":
+            text += "\n" + render_comparisons(comparisons, fmt)
+        else:
+            (out / f"reference.{fmt}").write_text(render_comparisons(comparisons, fmt))
+    table.write_text(text)
     if records:
         write_figures(records, out)
     client.log_artifacts(parent.info.run_id, str(out), "report")
-    return out, rows
+    return out, rows, comparisons

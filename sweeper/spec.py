@@ -35,7 +35,7 @@ RUN_LEVEL_METRICS = (
 )
 """Metrics a spec's objective may name (what every trial reports to Tune every epoch)."""
 
-ADDED_FIELDS: dict[str, Any] = {"metrics.probe": False}
+ADDED_FIELDS: dict[str, Any] = {"metrics.probe": False, "reference": []}
 """Spec and trial-config fields added after sweeps existed (dotted path -> default). A sweep's spec hash
 and its trial keys leave such a field out while it holds that default, so a sweep started before the
 field existed (its frozen spec lacks it; Tune's state holds its old trial keys) resumes as the same sweep
@@ -134,6 +134,72 @@ class SearchSpec(Frozen):
         return space
 
 
+REPORT_COLUMNS = {
+    "trainable_params": "trainable params",
+    "best_train_acc": "best train acc",
+    "best_test_acc": "best test acc",
+    "test_acc_at_interpolation": "test acc at IT",
+    "test_acc_at_end": "test acc at end",
+    "test_acc_at_best_epoch": "test acc at best epoch",
+    "effective_depth": "effective depth",
+}
+"""The columns of ``sweeper report``'s table (key -> label), which a ``reference`` row may give values for."""
+PERCENT_COLUMNS = tuple(k for k in REPORT_COLUMNS if "acc" in k)
+"""Accuracies: reported, and written in ``reference`` rows, in percent as the papers print them."""
+
+
+class ReferenceRow(Frozen):
+    """A published result for the variants a sweep's grid runs (``sweeper report`` prints it beside ours).
+
+    ``match`` picks the variants by trial-config values (a dotted path to a value, or to a mapping that
+    the variant's section must contain, e.g. ``etf: {depth: 2}``); an empty ``match`` is every variant.
+    ``values`` holds report columns (see :data:`REPORT_COLUMNS`), accuracies in percent."""
+
+    source: Annotated[str, Field(min_length=1, max_length=300)]
+    """Where the numbers are published: the paper and its table, e.g. "seed 000, Table 1"."""
+    match: dict[str, Any] = {}
+    values: dict[Literal[tuple(REPORT_COLUMNS)], float]  # type: ignore[valid-type]
+
+    @field_validator("match")
+    @classmethod
+    def _match_paths_exist(cls, match: dict[str, Any]) -> dict[str, Any]:
+        for path, value in match.items():
+            try:
+                _check_path(path, "reference match key")
+            except ValueError as err:
+                # A section may be matched by a mapping of its fields.
+                if not (isinstance(value, dict) and "is a section" in str(err)):
+                    raise
+        return match
+
+    @field_validator("values")
+    @classmethod
+    def _some_values(cls, values: dict[str, float]) -> dict[str, float]:
+        if not values:
+            raise ValueError(f"give at least one of {', '.join(REPORT_COLUMNS)}")
+        return values
+
+
+def reference_matches(row: ReferenceRow, config: TrialConfig) -> bool:
+    """Whether a trial (of some variant) has every value ``row.match`` names."""
+    data = config.model_dump(mode="json")
+    return all(_contains(_get_path(data, path), value) for path, value in row.match.items())
+
+
+def _get_path(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _contains(actual: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(_contains(actual.get(k), v) for k, v in wanted.items())
+    if isinstance(wanted, (int, float)) and isinstance(actual, (int, float)):
+        return float(actual) == float(wanted)
+    return actual == wanted
+
+
 class SweepSpec(TrialConfig):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     experiment: Annotated[str, Field(min_length=1, max_length=200)] = "neural-collapse"
@@ -150,6 +216,8 @@ class SweepSpec(TrialConfig):
 
     search: SearchSpec | None = None
     """Optional Bayesian search: one Optuna study per grid cell (sweeper.search)."""
+    reference: list[ReferenceRow] = []
+    """Published results to compare with (``sweeper report``); not part of the sweep's identity."""
     smoke: dict[str, Any] = {}
     """Overrides applied by ``--smoke`` (dotted paths, like ``--set``): an offline dataset, few epochs."""
 
@@ -306,7 +374,8 @@ class LoadedSpec:
 
 
 def spec_hash(resolved: dict[str, Any]) -> str:
-    return identity_hash(resolved, 16)
+    # Published numbers to compare with change no trial: adding them does not make another sweep.
+    return identity_hash({k: v for k, v in resolved.items() if k != "reference"}, 16)
 
 
 def identity_hash(resolved: dict[str, Any], length: int) -> str:
@@ -396,7 +465,23 @@ def load_spec_text(
     trials = expand(loaded)  # every grid point must be a valid trial before anything starts
     if spec.search is not None:
         check_search(loaded, trials)
+    check_reference(loaded, trials)
     return loaded
+
+
+def check_reference(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
+    """Every reference row must match at least one variant of the grid (else it compares with nothing)."""
+    errors = []
+    cells = list(dict.fromkeys(t.cell for t in trials))
+    for i, row in enumerate(loaded.spec.reference):
+        if not any(reference_matches(row, t.config) for t in trials):
+            shown = ", ".join(cells[:8]) + (f" (and {len(cells) - 8} more)" if len(cells) > 8 else "")
+            errors.append(
+                f"{loaded.path}: reference[{i}].match: {_short(row.match)} matches no variant of the grid; "
+                f"its variants: {shown}"
+            )
+    if errors:
+        raise SpecError("\n".join(errors))
 
 
 def check_search(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:

@@ -38,6 +38,10 @@ grid:
   model.mlp.width: [8, 12]
 resources: {cpu: 1}
 bundle: 2
+reference:
+  - source: a made-up paper, Table 9
+    match: {model.mlp.width: 8}
+    values: {best_test_acc: 50.0}
 """
 METRICS = [
     "nc1",
@@ -207,6 +211,13 @@ def test_report_table_equals_mlflow_and_figures_are_images(sweep):
         assert row["test_acc_at_end"] == pytest.approx(sum(t[-1] for t in test) / 2)
         assert row["best_test_acc"] == pytest.approx(sum(max(t) for t in test) / 2)
         assert row["trainable_params"] == members[0].data.metrics["final/trainable_params"]
+    # The spec's published number beside ours: mean and sample std over the variant's two seeds.
+    [ref] = json.loads((out / "reference.json").read_text())
+    narrow = next(r for r in rows if r["variant"] == "model.mlp.width=8")
+    assert ref["variant"] == "model.mlp.width=8" and ref["n"] == 2 and ref["paper"] == 50.0
+    assert ref["mean"] == pytest.approx(100 * narrow["best_test_acc"])
+    assert ref["difference"] == pytest.approx(50.0 - ref["mean"])
+    assert "a made-up paper, Table 9" in proc.stdout and "paper - ours" in proc.stdout
     pngs = sorted(out.rglob("*.png"))
     assert {p.name for p in pngs} >= {
         "ncc_acc_by_epoch.png",

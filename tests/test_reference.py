@@ -1,0 +1,107 @@
+"""Published numbers in a spec (``reference:``): validated against the grid, compared in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sweeper.report import TrialRecord, reference_comparisons, render_comparisons
+from sweeper.spec import SpecError, load_spec, load_spec_text, spec_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = """
+name: ref
+dataset: gaussian
+data: {gaussian: {classes: 3, dim: 6, train_per_class: 10, test_per_class: 5}}
+model: {mlp: {depth: 3, width: 8}}
+train: {epochs: 1}
+grid:
+  etf: [{depth: 0}, {depth: 1}]
+  seed: [0, 1, 2]
+"""
+REFERENCE = """
+reference:
+  - source: a paper, Table 1
+    match: {etf: {depth: 0}}
+    values: {best_test_acc: 90.0, trainable_params: 250, effective_depth: 2}
+  - source: a paper, Table 1
+    match: {etf: {depth: 1}, model.mlp.width: 8}
+    values: {best_test_acc: 80.0}
+"""
+
+
+def _record(cell: str, test_acc: float, params: float = 250, depth: float = 2) -> TrialRecord:
+    values = {"best_test_acc": test_acc, "trainable_params": params, "effective_depth": depth}
+    return TrialRecord("id", "name", cell, [], {}, values)
+
+
+def test_every_paper_spec_carries_published_numbers_that_match_its_grid():
+    for name in ("etf_depth", "etf_transformer", "svsl"):
+        loaded = load_spec(ROOT / "search_spaces" / f"{name}.yaml")
+        assert loaded.spec.reference, name
+        assert all("Table" in row.source for row in loaded.spec.reference), name
+
+
+def test_a_reference_row_matching_no_variant_is_refused_naming_the_row():
+    bad = SPEC + REFERENCE.replace("etf: {depth: 1}", "etf: {depth: 2}")
+    with pytest.raises(SpecError, match=r"x.yaml: reference\[1\].match: .*matches no variant") as err:
+        load_spec_text(bad, "x.yaml")
+    assert 'etf={"depth":0}' in str(err.value)
+    with pytest.raises(SpecError, match=r"reference\[0\]\.values\.best_acc.*should be 'trainable_params'"):
+        load_spec_text(SPEC + REFERENCE.replace("best_test_acc: 90.0", "best_acc: 90.0"), "x.yaml")
+    with pytest.raises(SpecError, match=r"reference match key 'model.mlp.height'.*allowed: preset, depth"):
+        load_spec_text(SPEC + REFERENCE.replace("model.mlp.width", "model.mlp.height"), "x.yaml")
+
+
+def test_published_numbers_are_not_part_of_the_sweeps_identity():
+    assert spec_hash(load_spec_text(SPEC, "x").resolved) == spec_hash(
+        load_spec_text(SPEC + REFERENCE, "x").resolved
+    )
+
+
+def test_comparisons_give_difference_and_flag_a_value_outside_two_sample_stds():
+    loaded = load_spec_text(SPEC + REFERENCE, "x.yaml")
+    base, etf = 'etf={"depth":0}', 'etf={"depth":1}'
+    # Base: test acc 0.89, 0.90, 0.91 -> mean 90, sample std 1: the paper's 90 is within.
+    # ETF: 0.70, 0.71, 0.72 -> mean 71, std 1: the paper's 80 is 9 std away.
+    records = [_record(base, a) for a in (0.89, 0.90, 0.91)] + [_record(etf, a) for a in (0.70, 0.71, 0.72)]
+    rows = {(c["variant"], c["column"]): c for c in reference_comparisons(loaded, records)}
+    assert set(rows) == {
+        (base, "best_test_acc"),
+        (base, "trainable_params"),
+        (base, "effective_depth"),
+        (etf, "best_test_acc"),
+    }
+    acc = rows[(base, "best_test_acc")]
+    assert acc["n"] == 3 and acc["mean"] == pytest.approx(90.0) and acc["std"] == pytest.approx(1.0)
+    assert acc["difference"] == pytest.approx(0.0, abs=1e-9) and acc["check"] == "within"
+    assert rows[(base, "trainable_params")]["check"] == "within"  # identical over seeds, equal to the paper
+    far = rows[(etf, "best_test_acc")]
+    assert far["difference"] == pytest.approx(9.0) and far["check"].startswith("OUTSIDE")
+    text = render_comparisons(list(rows.values()), "md")
+    assert '| etf={"depth":1} | best test acc | 3 | 71.00 ± 1.00 | 80.00 | +9.00 | OUTSIDE' in text
+
+
+def test_one_seed_or_none_says_so_instead_of_flagging():
+    loaded = load_spec_text(SPEC + REFERENCE, "x.yaml")
+    rows = reference_comparisons(loaded, [_record('etf={"depth":0}', 0.5)])
+    by_variant = {(c["variant"], c["column"]): c for c in rows}
+    one = by_variant[('etf={"depth":0}', "best_test_acc")]
+    assert one["n"] == 1 and one["difference"] == pytest.approx(40.0)
+    assert one["check"] == "1 seed: no spread to compare with"
+    assert by_variant[('etf={"depth":1}', "best_test_acc")]["check"] == "no finished trial"
+
+
+def test_published_numbers_changed_later_reach_the_frozen_spec_of_the_same_sweep(tmp_path):
+    import yaml
+
+    from sweeper.location import parse_location
+    from sweeper.orchestrate import prepare_sweep_dir
+
+    location = parse_location(tmp_path / "ref")
+    first = prepare_sweep_dir(load_spec_text(SPEC, "x.yaml"), location, "sqlite:///unused.db")
+    corrected = load_spec_text(SPEC + REFERENCE, "x.yaml")
+    assert prepare_sweep_dir(corrected, location, "sqlite:///unused.db") == first  # the same sweep
+    frozen = yaml.safe_load((tmp_path / "ref" / "spec.yaml").read_text())
+    assert frozen["reference"] == corrected.resolved["reference"]
