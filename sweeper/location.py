@@ -9,7 +9,7 @@ works everywhere a directory does. Credentials come from the usual environment (
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +84,10 @@ class Location:
         target = f"{self.path}/{name}"
         if self.is_local:
             Path(self.path).mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".tmp-{Path(name).name}-")
+            # Not mkstemp: its files are private (0600); this one gets the umask's mode, like any other.
+            tmp = Path(self.path) / f".tmp-{Path(name).name}-{uuid.uuid4().hex[:12]}"
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "xb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
