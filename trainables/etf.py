@@ -32,16 +32,11 @@ def simplex_etf(out_features: int, in_features: int, dtype: torch.dtype = torch.
     return w.to(dtype)
 
 
-def fix_to_etf(layer: nn.Linear) -> int:
-    """Replace ``layer.weight`` by a simplex ETF buffer; return how many trainable parameters that removed."""
+def fix_to_etf(layer: nn.Linear) -> None:
+    """Replace ``layer.weight`` by a simplex ETF buffer (no longer trained); a fixed layer stays as it is."""
     if not isinstance(layer.weight, nn.Parameter):
-        return 0  # already fixed
+        return
     old = layer.weight
     etf = simplex_etf(layer.out_features, layer.in_features, old.dtype).to(old.device)
     del layer.weight
     layer.register_buffer("weight", etf)
-    return old.numel()
-
-
-def is_etf(layer: nn.Linear) -> bool:
-    return not isinstance(layer.weight, nn.Parameter)
