@@ -374,8 +374,12 @@ class LoadedSpec:
 
 
 def spec_hash(resolved: dict[str, Any]) -> str:
-    # Published numbers to compare with change no trial: adding them does not make another sweep.
-    return identity_hash({k: v for k, v in resolved.items() if k != "reference"}, 16)
+    # Published numbers to compare with change no trial: adding them (or clearing them for --smoke) does
+    # not make another sweep.
+    data = {k: v for k, v in resolved.items() if k != "reference"}
+    if isinstance(data.get("smoke"), dict) and "reference" in data["smoke"]:
+        data["smoke"] = {k: v for k, v in data["smoke"].items() if k != "reference"}
+    return identity_hash(data, 16)
 
 
 def identity_hash(resolved: dict[str, Any], length: int) -> str:

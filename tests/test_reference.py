@@ -105,3 +105,18 @@ def test_published_numbers_changed_later_reach_the_frozen_spec_of_the_same_sweep
     assert prepare_sweep_dir(corrected, location, "sqlite:///unused.db") == first  # the same sweep
     frozen = yaml.safe_load((tmp_path / "ref" / "spec.yaml").read_text())
     assert frozen["reference"] == corrected.resolved["reference"]
+
+
+def test_a_paper_spec_started_before_it_had_published_numbers_is_the_same_sweep():
+    """etf_depth.yaml gained reference rows, and `reference: []` in its smoke section, after sweeps of it
+    had started: its hash without them is the hash those sweeps recorded."""
+    import yaml
+
+    text = (ROOT / "search_spaces" / "etf_depth.yaml").read_text()
+    before = yaml.safe_load(text)
+    before.pop("reference")
+    before["smoke"].pop("reference")
+    assert (
+        spec_hash(load_spec_text(yaml.safe_dump(before), "x").resolved)
+        == load_spec(ROOT / "search_spaces" / "etf_depth.yaml").hash
+    )
