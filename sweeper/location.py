@@ -9,9 +9,10 @@ works everywhere a directory does. Credentials come from the usual environment (
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainables.checkpoint import write_atomically
 
 # Forwarded to Ray workers so they can write checkpoints to the same store (workers do not inherit the
 # driver's environment, PITFALLS.md 7). On a cluster, workers' own credentials work just as well.
@@ -83,18 +84,7 @@ class Location:
         the old or the new file even when the writer is killed mid-write; an object PUT is atomic."""
         target = f"{self.path}/{name}"
         if self.is_local:
-            Path(self.path).mkdir(parents=True, exist_ok=True)
-            # Not mkstemp: its files are private (0600); this one gets the umask's mode, like any other.
-            tmp = Path(self.path) / f".tmp-{Path(name).name}-{uuid.uuid4().hex[:12]}"
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomically(target, lambda f: f.write(data))
         else:
             self.fs.create_dir(self.path, recursive=True)
             with self.fs.open_output_stream(target) as f:
