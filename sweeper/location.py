@@ -1,7 +1,8 @@
 """Where a sweep directory lives: a local or shared path, or an object-store URI.
 
 A location is a pyarrow filesystem plus a path on it, the pair Ray Tune takes as ``storage_path`` and
-``storage_filesystem`` (PITFALLS.md 6). The driver reads and writes the sweep's own files (``spec.yaml``,
+``storage_filesystem`` (on several nodes it must be a path every node reaches). The driver reads and
+writes the sweep's own files (``spec.yaml``,
 ``sweep.json``) through the same filesystem, so ``s3://bucket/sweeps?endpoint_override=host:9000&scheme=http``
 works everywhere a directory does. Credentials come from the usual environment (``AWS_*``).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from trainables.checkpoint import write_atomically
 
 # Forwarded to Ray workers so they can write checkpoints to the same store (workers do not inherit the
-# driver's environment, PITFALLS.md 7). On a cluster, workers' own credentials work just as well.
+# driver's environment). On a cluster, workers' own credentials work just as well.
 CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

@@ -239,19 +239,19 @@ def run_sweep(
             "name": t.run_name,
             "cell": t.cell,
             "order": f"{t.index:06d}",
-            # Absolute, resolved on the driver: workers run in Ray's session directory (PITFALLS.md 7).
+            # Absolute, resolved on the driver: workers run in Ray's session directory.
             "data_root": str(data_root(t.config.data)),
         }
         for t in trials
     ]
-    # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (PITFALLS.md 9); MLflow
-    # holds the metrics.
+    # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (12 vs 2.4 ms per 100-key
+    # result on 2 cores); MLflow holds the metrics.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
     # the in-memory trial table and MLflow instead.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Workers do not inherit the driver's environment (PITFALLS.md 7); trials also get the store and the
+    # Workers do not inherit the driver's environment; trials also get the store and the
     # data root in their params, so a reused Ray session works the same.
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **credential_env()}
     import ray

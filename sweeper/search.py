@@ -1,11 +1,12 @@
 """Bayesian search inside every grid cell: one Optuna study per cell, all cells in one Tune experiment.
 
-Ray's ``OptunaSearch`` keeps one study and does not mix with a grid (PITFALLS.md 17); this searcher keeps
-a study per grid cell in a persistent Optuna storage (SQLite in the sweep directory by default, any
-SQLAlchemy URL such as Postgres) and drives them with Optuna's ask/tell.
+Ray's ``OptunaSearch`` keeps one study, and Ray's docs say ``grid_search`` and a search algorithm do not
+mix; this searcher keeps a study per grid cell in a persistent Optuna storage (SQLite in the sweep
+directory by default, any SQLAlchemy URL such as Postgres) and drives them with Optuna's ask/tell.
 
-Resume consistency (PITFALLS.md 16). The storage is the source of truth for what finished; Tune's
-snapshot holds this searcher's map of live Tune trials to study trials. After a driver kill:
+Resume consistency (Ray's ``OptunaSearch`` with a database crashed on restore, ``UpdateFinishedTrialError``,
+when a trial finished after Tune's last snapshot). The storage is the source of truth for what finished;
+Tune's snapshot holds this searcher's map of live Tune trials to study trials. After a driver kill:
 - a study trial that finished before the kill is COMPLETE in storage, whatever the snapshot says; a Tune
   trial replayed for it finds its MLflow run FINISHED, trains nothing, and its result is not told twice;
 - a study trial asked after the last snapshot is RUNNING in storage but unknown to the restored Tune:

@@ -1,8 +1,8 @@
 """MLflow layout: one parent run per sweep, one nested child run per trial, found again by tags.
 
-Ray Tune replays work on restore (PITFALLS.md 1, 12-13), so every write here is idempotent: the parent is
-found by the sweep id tag before one is created; a trial finds its child by sweep id + trial key before
-creating one; an epoch is logged only when it is later than the last epoch already logged, as one
+Ray Tune replays work on restore (it resumes each trial as its last snapshot saw it, and trials that
+finished after the snapshot run again), so every write here is idempotent: the parent is found by the
+sweep id tag before one is created; a trial finds its child by sweep id + trial key before creating one; an epoch is logged only when it is later than the last epoch already logged, as one
 synchronous ``log_batch`` whose last metric is the ``epoch`` sentinel. A trial killed halfway through a
 batch therefore re-logs that epoch at most partially, never a step that is already complete.
 
@@ -66,7 +66,7 @@ def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else an absolute SQLite store in the working directory.
 
     Absolute, because Ray workers run in Ray's session directory: a relative ``sqlite:///mlflow.db``
-    would silently write a throwaway database there (PITFALLS.md 7).
+    would silently write a throwaway database there.
     """
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 

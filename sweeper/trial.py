@@ -127,7 +127,7 @@ def run_trial(params: dict[str, Any]) -> None:
     taps = tap_names(cfg)
     tracker = _tracker(point, sweep, taps)
     if tracker.finished:
-        # Replayed after the trial had already ended (PITFALLS.md 1): report its final result, train nothing.
+        # Replayed after the trial had ended (Tune's snapshot predates its end): report its result, train nothing.
         final = tracker.latest_metrics()
         tune.report({"epoch": tracker.last_epoch, **tune_metrics(final)})
         return

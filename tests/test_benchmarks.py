@@ -1,4 +1,4 @@
-"""The benchmarks run in their CI-sized form (issue 8): the script works end to end and prints its
+"""The benchmarks run in their CI-sized form: the script works end to end and prints its
 tables. Nothing about the times is asserted; the numbers belong in benchmarks/RESULTS.md."""
 
 from __future__ import annotations

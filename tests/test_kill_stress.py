@@ -1,4 +1,4 @@
-"""The driver SIGKILLed at random instants and resumed each time (issue 17.3), on a sweep of trial bundles
+"""The driver SIGKILLed at random instants and resumed each time, on a sweep of trial bundles
 and on a searched sweep, against a real local Ray and a real SQLite MLflow store.
 
 Half the kills come a random instant after the driver started, the other half within 0.3 s of a

@@ -1,6 +1,6 @@
 """Trial bundles: several trials of one architecture on one dataset trained together as a stacked model.
 
-Small models are launch-bound on a GPU (issue 8's measurements: 0.9-1.3 s per MNIST epoch for one MLP,
+Small models are launch-bound on a GPU (measured on an H100: 0.9-1.3 s per MNIST epoch for one MLP,
 ~5 ms per model for hundreds stacked), so a bundle runs every member's step in the same kernels:
 parameters and buffers are stacked along a leading member axis (``torch.func.stack_module_state``) and the
 forward pass is ``vmap(functional_call)`` over them. Each member is still a whole :class:`Trainer`: its

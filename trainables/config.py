@@ -164,9 +164,10 @@ class TrainConfig(Frozen):
     schedule: ScheduleConfig = ScheduleConfig()
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the forward pass and loss with ``torch.compile`` (on CUDA in ``reduce-overhead`` mode: the
-    forward and backward replay as CUDA graphs, issue 8). ``auto``: on CUDA only; on CPU it measured no
-    faster than eager and costs about 20 s of compiling per trial (benchmarks/RESULTS.md). A step that fails to
-    compile trains eagerly, with a warning. Trial bundles do not compile."""
+    forward and backward replay as CUDA graphs, which took one MLP's MNIST epoch from 0.9-1.3 s to 0.13 s
+    on an H100). ``auto``: on CUDA only; on CPU it measured no faster than eager and costs about 20 s of
+    compiling per trial (benchmarks/RESULTS.md). A step that fails to compile trains eagerly, with a
+    warning. Trial bundles do not compile."""
 
 
 class MetricsConfig(Frozen):

@@ -1,7 +1,7 @@
 """Datasets as tensors: the whole split lives on the trial's device, normalised once.
 
-Small models train at the speed of their kernels only when no per-sample Python runs per step (DESIGN.md
-"Speed"), so a dataset here is four tensors, not a ``Dataset``/``DataLoader`` pair. Shuffling is an index
+Small models train at the speed of their kernels only when no per-sample Python runs per step, so a
+dataset here is four tensors, not a ``Dataset``/``DataLoader`` pair. Shuffling is an index
 permutation drawn on the device (``trainables.loop``).
 
 Offline datasets ship with a package or are generated, so tests and the quickstart need no download:

@@ -1,9 +1,9 @@
 """The training loop of one trial: no Ray, no MLflow; it talks to the outside through a :class:`Reporter`.
 
 Data lives as tensors on the trial's device and is shuffled by an index permutation drawn from a seeded
-generator, so the only per-step Python is the step itself (DESIGN.md "Speed"). Everything needed to
-continue a run exactly is in :meth:`Trainer.state_dict` (model, optimizer, scheduler, RNG states, epoch,
-the running summary), plain tensors and containers so it loads with ``torch.load(weights_only=True)``.
+generator, so the only per-step Python is the step itself (small models run at their kernels' speed only
+without per-sample Python). Everything needed to continue a run exactly is in :meth:`Trainer.state_dict`
+(model, optimizer, scheduler, RNG states, epoch, the running summary), plain tensors and containers so it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

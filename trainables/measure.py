@@ -6,7 +6,7 @@ gives the accuracies and losses, so an epoch without NC metrics costs one forwar
 
 A trial bundle measures its members together (:func:`measure_stack`): one forward pass of the stacked
 models per batch and every statistic batched over members, so the pass costs a bundle the launches and
-host syncs of one model rather than one pass per member (issue 8: small models are launch-bound).
+host syncs of one model rather than one pass per member (small models are launch-bound).
 
 Metric keys group in the MLflow UI by metric, then split, with the layer last: ``ncc_acc/train/fc3``.
 """

@@ -5,7 +5,7 @@ Ray packs fractional-GPU trials by the fraction asked for and does not cap their
 sweeper checks this estimate against the fraction before starting (``sweeper.orchestrate``), ``plan``
 prints it, and every trial on CUDA logs its measured peak (``gpu_memory_peak_mib``) to compare.
 
-Counted, in float32 unless noted: the data splits (they live on the device, DESIGN.md "Speed"); weights,
+Counted, in float32 unless noted: the data splits (they live on the device, trainables.data); weights,
 gradients and momentum per member; training activations of one batch (every module's output is assumed
 kept for backward); the metric pass (:func:`metric_bytes`, once per member a bundle measures at a time).
 A fixed allowance covers the CUDA context and allocator slack. It is an upper-leaning estimate, not a
