@@ -25,7 +25,7 @@ from sweeper import local_ray
 from sweeper.checkpoints import CHECKPOINT_DIR
 from sweeper.location import Location, LocationError, credential_env, parse_location
 from sweeper.spec import ADDED_FIELDS, LoadedSpec, PlannedTrial, SpecError, expand
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, changed_paths, get_path
 from trainables.data import data_root
 
 TUNE_DIR = "tune"
@@ -60,11 +60,11 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
                 # A field added since the sweep started, at its default, is not what changed.
                 changed = sorted(
                     path
-                    for path in _diff(old, loaded.resolved)
+                    for path in changed_paths(old, loaded.resolved)
                     if not (
                         path in ADDED_FIELDS
-                        and _get(old, path) is None
-                        and _get(loaded.resolved, path) == ADDED_FIELDS[path]
+                        and get_path(old, path) is None
+                        and get_path(loaded.resolved, path) == ADDED_FIELDS[path]
                     )
                 )
                 raise SpecError(
@@ -92,21 +92,6 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
     except OSError as err:
         raise LocationError(f"cannot use sweep directory '{sweep_dir}': {err}") from None
     return meta
-
-
-def _get(data: Any, path: str) -> Any:
-    for part in path.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> set[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: set[str] = set()
-        for key in set(old) | set(new):
-            out |= _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return set() if old == new else {prefix.rstrip(".")}
 
 
 def trial_dirname(trial) -> str:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig, set_path
+from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig, get_path, set_path
 
 RUN_LEVEL_METRICS = (
     "test_acc",
@@ -183,13 +183,7 @@ class ReferenceRow(Frozen):
 def reference_matches(row: ReferenceRow, config: TrialConfig) -> bool:
     """Whether a trial (of some variant) has every value ``row.match`` names."""
     data = config.model_dump(mode="json")
-    return all(_contains(_get_path(data, path), value) for path, value in row.match.items())
-
-
-def _get_path(data: Any, path: str) -> Any:
-    for part in path.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
+    return all(_contains(get_path(data, path), value) for path, value in row.match.items())
 
 
 def _contains(actual: Any, wanted: Any) -> bool:

@@ -205,6 +205,51 @@ def test_standalone_entry_point_prints_one_json_line_per_epoch(tmp_path):
         timeout=300,
     )
     assert [json.loads(line) for line in again.stdout.splitlines()][0].keys() == {"summary"}
+    # The checkpoint carries the config that trained it: another lr is refused, naming the field, and the
+    # file is left as it was; more epochs continue it.
+    before = ckpt.read_bytes()
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainables",
+            str(path),
+            "--set",
+            "train.optimizer.lr=0.5",
+            "--checkpoint",
+            str(ckpt),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert "train.optimizer.lr: 0.01 in the checkpoint, 0.5 here" in other.stderr
+    assert ckpt.read_bytes() == before
+    longer = subprocess.run(
+        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=4", "--checkpoint", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert longer.returncode == 0, longer.stderr
+    assert [json.loads(line).get("epoch") for line in longer.stdout.splitlines()] == [4, None]
+
+
+def test_a_checkpoint_without_its_config_or_of_other_metric_definitions_loads_with_a_warning():
+    cfg = TrialConfig.model_validate(SMALL)
+    full = Collect()
+    train(cfg, full)
+    state = dict(full.epochs[1][2])
+    assert state["config"] == cfg.model_dump(mode="json") and state["metric_definitions"] == "2"
+    old = {k: v for k, v in state.items() if k not in ("config", "metric_definitions")}
+    with pytest.warns(UserWarning, match="does not say which config trained it"):
+        Trainer(cfg).load_state_dict(old)
+    with pytest.warns(UserWarning, match="measured under metric definitions v1; epochs after 2 are"):
+        Trainer(cfg).load_state_dict({**state, "metric_definitions": "1"})
+    # A field the checkpoint's version did not have yet (or no longer has) did not train it.
+    saved = {k: v for k, v in state["config"].items() if k != "svsl"}
+    Trainer(cfg).load_state_dict({**state, "config": saved})
 
 
 def test_standalone_bad_config_exits_2(tmp_path):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from trainables.checkpoint import load_state, save_state
 from trainables.config import TrialConfig, set_path
-from trainables.loop import train
+from trainables.loop import CheckpointMismatch, train
 
 
 class PrintReporter:
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.trial}: {err}", file=sys.stderr)
         return 2
     state = load_state(args.checkpoint) if args.checkpoint and args.checkpoint.exists() else None
-    summary = train(cfg, PrintReporter(args.checkpoint), state)
+    try:
+        summary = train(cfg, PrintReporter(args.checkpoint), state)
+    except CheckpointMismatch as err:
+        print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"summary": summary}), flush=True)
     return 0
 

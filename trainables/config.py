@@ -262,3 +262,28 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
             child = data[key] = {}
         data = child
     data[leaf] = value
+
+
+def get_path(data: Any, path: str) -> Any:
+    """``data["a"]["b"]["c"]`` for ``path = "a.b.c"``, or None where the path ends early."""
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def has_path(data: Any, path: str) -> bool:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "") -> set[str]:
+    """Dotted paths whose values differ between two nested mappings (a path on one side only counts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: set[str] = set()
+        for key in set(old) | set(new):
+            out |= changed_paths(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return set() if old == new else {prefix.rstrip(".")}

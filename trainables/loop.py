@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Protocol
 
 import torch
 
-from trainables.config import EtfAdaptive, TrialConfig
+from trainables.config import (
+    METRIC_DEFINITIONS_VERSION,
+    EtfAdaptive,
+    TrialConfig,
+    changed_paths,
+    get_path,
+    has_path,
+)
 from trainables.data import Splits, balanced_subset, dataset_info, load_splits
 from trainables.etf import fix_to_etf
 from trainables.losses import svsl_penalty, task_loss
@@ -155,9 +163,12 @@ class Trainer:
 
     # ---- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """A snapshot on the CPU: later training steps do not change it (state_dict() returns live views)."""
+        """A snapshot on the CPU: later training steps do not change it (state_dict() returns live views).
+        It carries the config that trained it and the metric definitions that measured it."""
         return _cpu_copy(
             {
+                "config": self.cfg.model_dump(mode="json"),
+                "metric_definitions": METRIC_DEFINITIONS_VERSION,
                 "epoch": self.epoch,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -173,6 +184,7 @@ class Trainer:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resumable(state, self.cfg)
         # Layers fixed during training must be buffers again before the weights and the optimizer load:
         # the optimizer's state is indexed by the position of the trainable parameters.
         self.etf_fixed = {k: int(v) for k, v in state["etf_fixed"].items()}
@@ -308,6 +320,49 @@ def _cpu_copy(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu_copy(v) for v in value)
     return value
+
+
+RESUMABLE_CHANGES = ("train.epochs", "checkpoint", "device", "train.compile", "data.root", "data.download")
+"""Trial-config fields a checkpoint may continue under with other values: how long, where and how often
+it runs and saves, not what it trains."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by a trial of another config than the one asked to continue it."""
+
+
+def check_resumable(state: dict[str, Any], cfg: TrialConfig) -> None:
+    """Refuse a checkpoint of another trial config, naming the fields; warn on one without a config (written
+    before checkpoints carried it) and on one measured under other metric definitions."""
+    saved = state.get("config")
+    if saved is None:
+        warnings.warn(
+            "the checkpoint does not say which config trained it (it predates that); loading it unchecked",
+            stacklevel=2,
+        )
+    else:
+        current = cfg.model_dump(mode="json")
+        # A field on one side only was added or removed between versions: it did not train this state.
+        changed = sorted(
+            path
+            for path in changed_paths(saved, current)
+            if has_path(saved, path)
+            and has_path(current, path)
+            and not any(path == f or path.startswith(f"{f}.") for f in RESUMABLE_CHANGES)
+        )
+        if changed:
+            shown = "; ".join(
+                f"{p}: {get_path(saved, p)!r} in the checkpoint, {get_path(current, p)!r} here"
+                for p in changed
+            )
+            raise CheckpointMismatch(f"the checkpoint was written by another trial config: {shown}")
+    version = state.get("metric_definitions")
+    if version is not None and version != METRIC_DEFINITIONS_VERSION:
+        warnings.warn(
+            f"the checkpoint was measured under metric definitions v{version}; epochs after "
+            f"{int(state['epoch'])} are measured under v{METRIC_DEFINITIONS_VERSION}",
+            stacklevel=2,
+        )
 
 
 def train(cfg: TrialConfig, reporter: Reporter, state: dict[str, Any] | None = None) -> dict[str, float]:
