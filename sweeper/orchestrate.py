@@ -177,7 +177,7 @@ def run_sweep(
     from ray import tune
 
     from sweeper.progress import ProgressPrinter
-    from sweeper.tracking import ensure_parent_run, finish_parent_run
+    from sweeper.tracking import TAG_TRIALS_FAILED, ensure_parent_run, finish_parent_run
     from sweeper.trial import run_trial
 
     spec = loaded.spec
@@ -321,7 +321,7 @@ def run_sweep(
             outcomes.append(TrialOutcome(member["name"], member["key"], status, own, member_error))
     outcomes.sort(key=lambda o: o.name)
     summary = _parent_summary(loaded, outcomes)
-    tags = {"sweeper.trials_failed": str(sum(o.status == "FAILED" for o in outcomes))}
+    tags = {TAG_TRIALS_FAILED: str(sum(o.status == "FAILED" for o in outcomes))}
     if searcher is not None:
         from sweeper.search import best_per_cell
 

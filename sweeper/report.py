@@ -29,9 +29,8 @@ from sweeper.spec import (
     load_spec_text,
     reference_matches,
 )
-from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP
+from sweeper.tracking import TAG_BEST_PREFIX, TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP, TAG_TAPS
 
-TAG_TAPS = "sweeper.taps"
 COLUMNS = list(REPORT_COLUMNS.items())
 SPREAD_STDS = 2.0
 """A published value is flagged when it lies more than this many sample standard deviations (over our
@@ -127,7 +126,7 @@ def collect(client: MlflowClient, sweep_id: str) -> tuple[Any, list[TrialRecord]
 def table_rows(parent, records: list[TrialRecord]) -> list[dict[str, Any]]:
     best_by_cell = {}
     for key, value in parent.data.tags.items():
-        if key.startswith("sweeper.best."):
+        if key.startswith(TAG_BEST_PREFIX):
             info = json.loads(value)
             best_by_cell[info["cell"]] = info
     rows = []

@@ -35,6 +35,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from sweeper.tracking import TAG_BEST_PREFIX, TAG_FAILURE, TAG_STUDY, TAG_STUDY_TRIAL, TAG_SWEEP, TAG_TRIAL
+
 ORPHANED = "sweeper.orphaned"
 AUTO_ROUNDS = 4
 """``bundle: auto`` with search: bundles a quarter the size of a grid's, so a study is told results in at
@@ -165,8 +167,6 @@ class CellSearcher(Searcher):
     def _kill_run(self, index: int, number: int) -> None:
         from mlflow.tracking import MlflowClient
 
-        from sweeper.tracking import TAG_SWEEP, TAG_TRIAL
-
         client = MlflowClient(self.sweep["tracking_uri"])
         key = trial_key(self.cells[index]["key"], number)
         runs = client.search_runs(
@@ -177,7 +177,7 @@ class CellSearcher(Searcher):
             if run.info.status == "RUNNING":
                 client.set_tag(
                     run.info.run_id,
-                    "sweeper.failure",
+                    TAG_FAILURE,
                     "orphaned: asked after the last snapshot of a killed driver",
                 )
                 client.set_terminated(run.info.run_id, "KILLED")
@@ -233,8 +233,8 @@ class CellSearcher(Searcher):
             "order": f"{index:06d}-{number:06d}",
             "data_root": cell["data_root"],
             "tags": {
-                "sweeper.study": study_name(self.sweep["sweep_id"], cell["key"]),
-                "sweeper.study_trial": str(number),
+                TAG_STUDY: study_name(self.sweep["sweep_id"], cell["key"]),
+                TAG_STUDY_TRIAL: str(number),
             },
         }
 
@@ -284,7 +284,7 @@ def best_per_cell(searcher: CellSearcher) -> tuple[dict[str, float], dict[str, s
             continue
         best = (max if searcher.direction == "max" else min)(done, key=lambda t: t.value)
         metrics[f"best_value/{cell['key']}"] = float(best.value)
-        tags[f"sweeper.best.{cell['key']}"] = json.dumps(
+        tags[f"{TAG_BEST_PREFIX}{cell['key']}"] = json.dumps(
             {"cell": cell["name"], "study_trial": best.number, "value": best.value, "params": best.params}
         )
     return metrics, tags

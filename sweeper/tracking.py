@@ -33,6 +33,12 @@ TAG_SPEC_HASH = "sweeper.spec_hash"
 TAG_SWEEP_DIR = "sweeper.sweep_dir"
 TAG_FAILURE = "sweeper.failure"
 TAG_METRICS_VERSION = "sweeper.metric_definitions"
+TAG_TAPS = "sweeper.taps"  # a trial's tap names, comma-separated, in depth order
+TAG_NODE = "sweeper.node"  # the Ray node a trial runs on now (a retried trial may move)
+TAG_STUDY = "sweeper.study"  # searched trials: the Optuna study of their cell
+TAG_STUDY_TRIAL = "sweeper.study_trial"  # and their trial number in it
+TAG_TRIALS_FAILED = "sweeper.trials_failed"  # parent: how many trials ended FAILED
+TAG_BEST_PREFIX = "sweeper.best."  # parent of a searched sweep: sweeper.best.<cell key> = the cell's best
 SENTINEL = "epoch"  # logged last in every epoch's batch: its history is the set of complete epochs
 
 

@@ -16,13 +16,11 @@ import ray
 from ray import tune
 
 from sweeper.checkpoints import TrialCheckpoint
-from sweeper.report import TAG_TAPS
-from sweeper.tracking import TAG_CELL, TAG_ORDER, TAG_SPEC_HASH, TrialTracker, with_retry
+from sweeper.tracking import TAG_CELL, TAG_NODE, TAG_ORDER, TAG_SPEC_HASH, TAG_TAPS, TrialTracker, with_retry
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.config import TrialConfig
 from trainables.loop import train
 
-TAG_NODE = "sweeper.node"
 STATE_NAME = Path(STATE_FILE).stem  # a lone trial's state in its checkpoint
 
 
