@@ -179,18 +179,19 @@ def test_divergence_is_a_clear_error():
         trainer.run(Collect())
 
 
+def _standalone(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainables", *args], capture_output=True, text=True, timeout=300
+    )
+
+
 def test_standalone_entry_point_prints_one_json_line_per_epoch(tmp_path):
     import yaml
 
     path = tmp_path / "trial.yaml"
     path.write_text(yaml.safe_dump(SMALL))
     ckpt = tmp_path / "ckpt.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _standalone(str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt))
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["epoch"] for line in lines[:-1]] == [1, 2, 3]
@@ -198,40 +199,16 @@ def test_standalone_entry_point_prints_one_json_line_per_epoch(tmp_path):
     assert "final/test_acc" in lines[-1]["summary"]
     assert load_state(ckpt)["epoch"] == 3
     # Running again continues from the checkpoint: nothing left to train.
-    again = subprocess.run(
-        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = _standalone(str(path), "--set", "train.epochs=3", "--checkpoint", str(ckpt))
     assert [json.loads(line) for line in again.stdout.splitlines()][0].keys() == {"summary"}
     # The checkpoint carries the config that trained it: another lr is refused, naming the field, and the
     # file is left as it was; more epochs continue it.
     before = ckpt.read_bytes()
-    other = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainables",
-            str(path),
-            "--set",
-            "train.optimizer.lr=0.5",
-            "--checkpoint",
-            str(ckpt),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    other = _standalone(str(path), "--set", "train.optimizer.lr=0.5", "--checkpoint", str(ckpt))
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
     assert "train.optimizer.lr: 0.01 in the checkpoint, 0.5 here" in other.stderr
     assert ckpt.read_bytes() == before
-    longer = subprocess.run(
-        [sys.executable, "-m", "trainables", str(path), "--set", "train.epochs=4", "--checkpoint", str(ckpt)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    longer = _standalone(str(path), "--set", "train.epochs=4", "--checkpoint", str(ckpt))
     assert longer.returncode == 0, longer.stderr
     assert [json.loads(line).get("epoch") for line in longer.stdout.splitlines()] == [4, None]
 
