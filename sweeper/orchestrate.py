@@ -118,7 +118,7 @@ def check_resources(loaded: LoadedSpec, trials: list[PlannedTrial], address: str
     fraction too small for the memory a trial needs (trainables.memory) on this machine's GPU."""
     spec = loaded.spec
     gpu = spec.resources.gpu
-    if gpu == 0:
+    if gpu == 0 or gpu == "auto":  # auto: chosen to fit, or CPUs without a GPU (sweeper.calibration)
         return
     import torch
 
@@ -177,7 +177,7 @@ def run_sweep(
     from ray import tune
 
     from sweeper.progress import ProgressPrinter
-    from sweeper.tracking import TAG_TRIALS_FAILED, ensure_parent_run, finish_parent_run
+    from sweeper.tracking import TAG_TRIALS_FAILED, ensure_parent_run, finish_parent_run, record_calibration
     from sweeper.trial import run_trial
 
     spec = loaded.spec
@@ -249,6 +249,12 @@ def run_sweep(
         try:
             if started_ray:
                 _init_ray(address, env_vars, verbose)
+            loaded, calibration = calibrate(loaded, trials, sweep_dir, storage)
+            if calibration is not None:
+                record_calibration(client, parent_run_id, calibration)
+            spec = loaded.spec
+            # Ray leaves torch one thread in a worker, whatever the trial's CPUs.
+            sweep_ctx["threads"] = max(1, int(spec.resources.cpu))
             searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
             if spec.bundle != 1 and searcher is None:
                 points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
@@ -331,6 +337,26 @@ def run_sweep(
     finish_parent_run(client, parent_run_id, summary, tags)
     return SweepResult(
         sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes, time.perf_counter() - started
+    )
+
+
+def calibrate(
+    loaded: LoadedSpec, trials: list[PlannedTrial], sweep_dir: Location, storage: Location
+) -> tuple[LoadedSpec, dict[str, Any] | None]:
+    """The spec with numbers for what it leaves to ``auto``, measured on the cluster (sweeper.calibration)."""
+    from collections import Counter
+
+    from sweeper import calibration
+
+    groups = Counter(_group(t.config) for t in trials)
+    largest = max(groups, key=groups.get)
+    return calibration.resolve(
+        loaded,
+        trials,
+        sweep_dir,
+        storage,
+        representative=next(t.config for t in trials if _group(t.config) == largest),
+        bundle_cap=lambda spec, total: members_per_trial(spec, trials, trial_slots(spec, total)),
     )
 
 

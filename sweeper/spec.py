@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from trainables.config import TRIAL_FIELDS, Frozen, TrialConfig, get_path, set_path
 
@@ -60,10 +60,25 @@ class Objective(Frozen):
 
 
 class Resources(Frozen):
-    """Per trial. Fractional GPUs pack several trials on one device (Ray schedules, it does not cap memory)."""
+    """Per trial. Fractional GPUs pack several trials on one device (Ray schedules, it does not cap memory).
 
-    cpu: Annotated[float, Field(gt=0, le=1024)] = 1
-    gpu: Annotated[float, Field(ge=0, le=64)] = 0
+    ``auto`` (sweeper.calibration): chosen by timing the trials' training step on a node that will run
+    them; ``gpu: auto`` without a GPU in the cluster runs the trials on CPUs."""
+
+    cpu: float | Literal["auto"] = 1
+    gpu: float | Literal["auto"] = 0
+
+    @field_validator("cpu", "gpu", mode="before")
+    @classmethod
+    def _amount(cls, value: Any, info: ValidationInfo) -> Any:
+        if value == "auto":
+            return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if info.field_name == "cpu" and not (number and 0 < value <= 1024):
+            raise ValueError("must be a number of CPUs above 0 and at most 1024, or 'auto'")
+        if info.field_name == "gpu" and not (number and 0 <= value <= 64):
+            raise ValueError("must be a number of GPUs from 0 to 64 (a fraction packs trials), or 'auto'")
+        return value
 
 
 class Distribution(Frozen):

@@ -38,6 +38,7 @@ TAG_NODE = "sweeper.node"  # the Ray node a trial runs on now (a retried trial m
 TAG_STUDY = "sweeper.study"  # searched trials: the Optuna study of their cell
 TAG_STUDY_TRIAL = "sweeper.study_trial"  # and their trial number in it
 TAG_TRIALS_FAILED = "sweeper.trials_failed"  # parent: how many trials ended FAILED
+TAG_CALIBRATION = "sweeper.calibration"  # parent: what `auto` settings were chosen, and the timings why
 TAG_BEST_PREFIX = "sweeper.best."  # parent of a searched sweep: sweeper.best.<cell key> = the cell's best
 SENTINEL = "epoch"  # logged last in every epoch's batch: its history is the set of complete epochs
 
@@ -207,6 +208,13 @@ def finish_parent_run(
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
     client.set_terminated(run_id, "FINISHED")
+
+
+def record_calibration(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    """The choice for the spec's ``auto`` settings (sweeper.calibration) on the parent run: a one-line tag
+    and the whole record with its timings as ``calibration.json`` (idempotent: a resume writes the same)."""
+    with_retry(client.set_tag, run_id, TAG_CALIBRATION, record["reason"][:5000])
+    with_retry(client.log_dict, run_id, record, "calibration.json")
 
 
 class TrialTracker:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from sweeper.checkpoints import TrialCheckpoint
@@ -116,8 +117,10 @@ def _mark_restored(tracker: TrialTracker, state: dict[str, Any]) -> None:
 def run_trial(params: dict[str, Any]) -> None:
     """Tune entry point. ``params["point"]``: ``trial`` (a TrialConfig dict), ``key``, ``name``, ``cell``,
     or ``bundle`` (a list of such points, see :func:`run_bundle`); ``params["sweep"]``: tracking URI,
-    experiment and parent run ids, sweep id, spec hash."""
+    experiment and parent run ids, sweep id, spec hash, torch ``threads``."""
     point, sweep = params["point"], params["sweep"]
+    if "threads" in sweep:  # sweeps started before it ran with Ray's default (one thread)
+        torch.set_num_threads(sweep["threads"])
     if "bundle" in point:
         run_bundle(point["bundle"], sweep, point["key"])
         return

@@ -106,7 +106,7 @@ def test_overrides_and_name(tmp_path):
         ),
         (
             "name: t\nresources: {gpu: -1}\n",
-            r"spec.yaml: resources.gpu: Input should be greater than or equal to 0",
+            r"spec.yaml: resources.gpu: .*from 0 to 64 \(a fraction packs trials\), or .auto. \(got -1\)",
         ),
         (
             "name: t\ntrain: {schedule: {milestones: [5, 3]}}\n",

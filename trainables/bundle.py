@@ -29,7 +29,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainables.config import TrialConfig
-from trainables.data import load_splits
+from trainables.data import Splits, load_splits
 from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import ModelStack, measure_stack
@@ -91,13 +91,20 @@ def check_bundle(cfgs: list[TrialConfig]) -> None:
 
 
 class Bundle:
-    """Train ``cfgs`` together; ``states`` (one ``Trainer.state_dict`` or None per member) resumes them."""
+    """Train ``cfgs`` together; ``states`` (one ``Trainer.state_dict`` or None per member) resumes them;
+    ``data``: the splits already on the device (else loaded here)."""
 
-    def __init__(self, cfgs: list[TrialConfig], states: list[dict[str, Any] | None] | None = None) -> None:
+    def __init__(
+        self,
+        cfgs: list[TrialConfig],
+        states: list[dict[str, Any] | None] | None = None,
+        data: Splits | None = None,
+    ) -> None:
         check_bundle(cfgs)
         self.cfgs = cfgs
         self.device = resolve_device(cfgs[0].device)
-        data = load_splits(cfgs[0]).to(self.device)  # one copy: members share the data
+        if data is None:
+            data = load_splits(cfgs[0]).to(self.device)  # one copy: members share the data
         self.members = [Trainer(cfg, data=data) for cfg in cfgs]
         for member, state in zip(self.members, states or [None] * len(cfgs)):
             if state is not None:
