@@ -4,7 +4,8 @@ Sections (each prints one Markdown table; ratios compare numbers from this run o
 - ``epoch``: one training epoch of the trainer (device-resident tensors, randperm batches) against the
   torchvision-style loop it replaces (``torchvision.datasets.MNIST`` with per-sample ``ToTensor`` +
   ``Normalize`` in a ``DataLoader``), same model, optimizer and batch size; plus the compiled step
-  (``train.compile: on``) and trial bundles (per model).
+  (``train.compile: on``) and trial bundles (per model); each loop's achieved GFLOP/s (torch's FLOP
+  counter) against a large GEMM timed in the same run.
 - ``metrics``: the per-epoch measurement with every NC metric (metric subset of the train split + test
   split) against the epoch; and the same pass without NC metrics; a bundle's metric pass per member,
   members one at a time against the stacked pass.
@@ -15,13 +16,15 @@ Sections (each prints one Markdown table; ratios compare numbers from this run o
   10-20 s to start on 2 cores).
 - ``throughput``: trials per hour of seed 000's protocol (300 epochs, metrics every epoch): one trial,
   several packed on the device as separate processes, bundles (no Ray: the GPU machines have none).
+- ``calibration``: what ``bundle: auto`` and ``resources: auto`` choose here (sweeper.calibration), with
+  the timings they chose by.
 - ``sweep``: the wall time of a real local Ray sweep against its ideal, the sum of its trials' own run
   times (MLflow start to end) over the trials that fit at once.
 
 The data are MNIST-format IDX files written here (class templates plus noise, 28 x 28 uint8), read by
 torchvision's own MNIST class in both loops, since these machines cannot download MNIST.
 
-Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,throughput,sweep]``. ``--quick``
+Run: ``python benchmarks/bench_speed.py [--quick] [--sections epoch,metrics,mlflow,throughput,calibration,sweep]``. ``--quick``
 is the CI-sized form (3,000 training samples instead of 60,000, fewer rows, no compiled step). Nothing is
 asserted.
 """
@@ -151,6 +154,38 @@ def bench_epoch(root: Path, repeats: int, bundle_sizes: list[int], quick: bool) 
         per_model = _median(lambda b=bundle: b.train_epoch().tolist(), repeats) / size
         rows.append((f"bundle of {size}, per model", per_model))
     return rows + list(timed.items())[1:]
+
+
+def flops_per_sample(root: Path) -> float:
+    """Forward + backward FLOPs of one training sample of the trainer's loss, counted by torch's FLOP
+    counter over one batch (matmuls and convolutions; element-wise work such as BatchNorm, ReLU and the
+    optimizer is not counted, so the achieved rate below is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainables.loop import Trainer
+
+    trainer = Trainer(trial_config(root))
+    batch = trainer.cfg.train.batch_size
+    x, y = trainer.data.x_train[:batch], trainer.data.y_train[:batch]
+    with FlopCounterMode(display=False) as counter:
+        trainer._loss(x, y).backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(repeats: int, n: int = 2048) -> float:
+    """FLOP/s of a large float32 GEMM on this device with this run's threads: what the hardware does at
+    best on the work an MLP is made of (the trainer's ceiling, measured rather than taken from a sheet)."""
+    a = torch.randn(n, n, device=DEVICE)
+    b = torch.randn(n, n, device=DEVICE)
+
+    def gemm():
+        for _ in range(4):
+            a @ b
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    gemm()
+    return 4 * 2 * n**3 / _median(gemm, max(3, repeats))
 
 
 PROTOCOL_EPOCHS = 300
@@ -453,6 +488,55 @@ def bench_sweep(root: Path, trials: int, epochs: int, bundle: int | str) -> dict
     return {"wall": wall, "sum": own, "slots": slots, "ideal": own / slots}
 
 
+def bench_calibration(root: Path) -> list[dict]:
+    """What ``bundle: auto`` and ``resources: {cpu: auto, gpu: auto}`` choose on this machine, through the
+    sweeper's own calibration in a local Ray session, for seed 000's MLP and the quickstart model: 16
+    seeds each, so bundles of up to 8 per slot are candidates."""
+    import ray
+    import yaml
+
+    from sweeper.location import parse_location
+    from sweeper.orchestrate import calibrate, prepare_sweep_dir
+    from sweeper.spec import expand, load_spec
+
+    models = {
+        "seed 000 MLP (28x28, batch 128)": {
+            "dataset": "mnist",
+            "data": {"root": str(root), "download": False},
+            "model": {"mlp": SEED000_MLP},
+            "train": {"batch_size": 128},
+        },
+        "quickstart MLP (digits 8x8, depth 4, width 64, batch 128)": {
+            "dataset": "digits",
+            "model": {"mlp": {"depth": 4, "width": 64, "batchnorm": True, "activation": "relu"}},
+            "train": {"batch_size": 128},
+        },
+    }
+    rows = []
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    try:
+        for name, model in models.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = {
+                    "name": "calibration",
+                    **model,
+                    "device": DEVICE,
+                    "grid": {"seed": list(range(16))},
+                    "bundle": "auto",
+                    "resources": {"cpu": "auto", "gpu": "auto"},
+                }
+                path = Path(tmp) / "spec.yaml"
+                path.write_text(yaml.safe_dump(spec))
+                loaded = load_spec(path)
+                storage = parse_location(Path(tmp) / "sweeps")
+                prepare_sweep_dir(loaded, storage.child("calibration"), f"sqlite:///{tmp}/mlflow.db")
+                _, record = calibrate(loaded, expand(loaded), storage.child("calibration"), storage)
+                rows.append({"model": name, **record})
+    finally:
+        ray.shutdown()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized: 3,000 training samples")
@@ -475,9 +559,20 @@ def main() -> None:
         if "epoch" in sections:
             rows = bench_epoch(root, args.repeats, [4] if args.quick else [4, 16], args.quick)
             trainer = next(t for name, t in rows if name.startswith("trainer"))
-            print("| loop | s/epoch | vs trainer |\n| --- | ---: | ---: |")
+            flops = flops_per_sample(root) * n_train
+            peak = matmul_peak(args.repeats)
+            print(
+                f"FLOPs per epoch {flops / 1e9:.1f} G ({flops / n_train / 1e6:.3f} MFLOP per sample, forward + "
+                f"backward, torch's FLOP counter); measured peak: {2048}^3 float32 GEMM at {peak / 1e9:.1f} "
+                "GFLOP/s\n"
+            )
+            print(
+                "| loop | s/epoch | vs trainer | GFLOP/s | of GEMM peak |\n| --- | ---: | ---: | ---: | ---: |"
+            )
             for name, t in rows:
-                print(f"| {name} | {t:.3f} | {t / trainer:.2f}x |")
+                print(
+                    f"| {name} | {t:.3f} | {t / trainer:.2f}x | {flops / t / 1e9:.1f} | {flops / t / peak:.0%} |"
+                )
             print()
         if "metrics" in sections:
             m = bench_metrics(root, args.repeats)
@@ -533,6 +628,20 @@ def main() -> None:
                 print(
                     f"| {r['how']} | {r['at_once']} | {r['epoch']:.3f} | {r['startup']:.1f} | {r['per_hour']:.1f} |"
                 )
+            print()
+        if "calibration" in sections:
+            print("| model | setting | timed (ms per trial step, node busy) | chosen | measuring (s) |")
+            print("| --- | --- | --- | ---: | ---: |")
+            for r in bench_calibration(root):
+                timings = r["timings_s_per_trial_step"]
+                chosen = {"trials_per_node": round(r["node_cpus"] / r["cpu"]), "bundle": r["bundle"]}
+                chosen["trials_per_gpu"] = round(1 / r["gpu"]) if r["gpu"] else 0
+                for setting, values in timings.items():
+                    timed = ", ".join(f"{k}: {v * 1e3:.3g}" for k, v in values.items())
+                    print(
+                        f"| {r['model']} | {setting.replace('_', ' ')} | {timed} | {chosen[setting]} | "
+                        f"{r['measuring_s']} |"
+                    )
             print()
         if "sweep" in sections:
             trials, epochs = (4, 3) if args.quick else (8, 20)

@@ -22,7 +22,7 @@ def test_speed_benchmark_runs_in_ci_size():
             "--repeats",
             "1",
             "--sections",
-            "epoch,metrics,mlflow,throughput",
+            "epoch,metrics,mlflow,throughput,calibration",
         ],
         capture_output=True,
         text=True,
@@ -38,5 +38,8 @@ def test_speed_benchmark_runs_in_ci_size():
         "log / epoch",
         "| 2 trials packed (separate processes) | 2 |",
         "| bundle of 2 | 2 |",
+        "| GFLOP/s | of GEMM peak |",
+        "| seed 000 MLP (28x28, batch 128) | bundle |",
+        "| quickstart MLP (digits 8x8, depth 4, width 64, batch 128) | trials per node |",
     ):
         assert row in out, out
