@@ -123,13 +123,6 @@ class CellSearcher(Searcher):
         state["_studies"] = {}
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # A searcher pickled before bundles existed (a sweep resumed across that upgrade).
-        state.setdefault("bundle", 1)
-        state.setdefault("objective", state.get("_metric"))
-        state.setdefault("direction", state.get("_mode"))
-        self.__dict__.update(state)
-
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         self.max_concurrent = max_concurrent
         return True  # this searcher limits concurrency itself, and its count survives a restore
@@ -262,9 +255,7 @@ class CellSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            live = pickle.load(f)["live"]
-        # Snapshots written before bundles held one (cell, number) pair per Tune trial.
-        self.live = {k: [v] if isinstance(v, tuple) else v for k, v in live.items()}
+            self.live = pickle.load(f)["live"]
         self._reconciled = False
 
 

@@ -249,11 +249,13 @@ def test_trial_runs_on_cuda():
     rep = Collect()
     trainer.run(rep)
     assert "ncc_acc/test/fc3" in rep.epochs[-1][1]
-    # Measured peak beside the estimate trainables.memory makes before a packed sweep starts.
-    from trainables.memory import estimate_bytes
+    # Measured peak beside the estimate trainables.memory makes before a packed sweep starts. The peak is
+    # the caching allocator's, which never holds the CUDA context: compare it with the estimate without
+    # that allowance, or an estimate that undercounts the tensors would still pass.
+    from trainables.memory import CUDA_CONTEXT_BYTES, estimate_bytes
 
     peak = rep.epochs[-1][1]["gpu_memory_peak_mib"]
-    assert 0 < peak * 2**20 < estimate_bytes(cfg)
+    assert 0 < peak * 2**20 < estimate_bytes(cfg) - CUDA_CONTEXT_BYTES
 
 
 @pytest.mark.parametrize("extra", [{}, {"dataset": "digits", "data": {"test_fraction": 0.25}}])
