@@ -163,6 +163,36 @@ def stage_datasets(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
             raise SpecError(f"{loaded.path}: dataset: {err}") from None
 
 
+@dataclass(frozen=True)
+class OpenSweep:
+    """A sweep directory that is ready and its MLflow parent run: what every later step works in."""
+
+    storage: Location
+    sweep_dir: Location
+    meta: dict[str, Any]
+    client: Any  # MlflowClient
+    experiment_id: str
+    parent_run_id: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.meta["tracking_uri"]
+
+    def trial_context(self, loaded: LoadedSpec) -> dict[str, Any]:
+        """What every trial needs of the sweep (Tune stores it with the trials' params)."""
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "sweep_id": self.meta["sweep_id"],
+            "spec_hash": loaded.hash,
+            # Trials keep their own checkpoints there (sweeper.checkpoints), not in Tune's.
+            "checkpoints": self.sweep_dir.child(CHECKPOINT_DIR).uri,
+            # Ray leaves torch one thread in a worker, whatever the trial's CPUs.
+            "threads": max(1, int(loaded.spec.resources.cpu)),
+        }
+
+
 def run_sweep(
     loaded: LoadedSpec,
     *,
@@ -173,18 +203,40 @@ def run_sweep(
     verbose: bool = False,
 ) -> SweepResult:
     """Run (or resume) every trial of the spec as one Ray Tune experiment; return each trial's outcome."""
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
-    from sweeper.progress import ProgressPrinter
-    from sweeper.tracking import TAG_TRIALS_FAILED, ensure_parent_run, finish_parent_run, record_calibration
-    from sweeper.trial import run_trial
-
-    spec = loaded.spec
     trials = expand(loaded)
+    preflight(loaded, trials, address)
+    started = time.perf_counter()
+    sweep = open_sweep(loaded, storage, tracking_uri)
+    with ray_session(sweep, address, verbose):
+        loaded = calibrate_sweep(loaded, trials, sweep)
+        searcher = _searcher(loaded, trials, sweep) if loaded.spec.search else None
+        tuner = build_tuner(loaded, trials, sweep, searcher, progress)
+        grid = tuner.fit()
+    outcomes = collect_outcomes(grid)
+    finish_sweep(loaded, sweep, outcomes, searcher)
+    return SweepResult(
+        sweep.sweep_dir,
+        sweep.tracking_uri,
+        sweep.experiment_id,
+        sweep.parent_run_id,
+        outcomes,
+        time.perf_counter() - started,
+    )
+
+
+def preflight(loaded: LoadedSpec, trials: list[PlannedTrial], address: str | None) -> None:
+    """Refuse, before anything is started or written, what cannot run: resources, datasets."""
     check_resources(loaded, trials, address)
     stage_datasets(loaded, trials)
-    started = time.perf_counter()
+
+
+def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri: str) -> OpenSweep:
+    """The sweep directory (new, or checked to hold this spec) and its parent run (found or created)."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeper.tracking import ensure_parent_run
+
+    spec = loaded.spec
     if not isinstance(storage, Location):
         storage = parse_location(storage)
     sweep_dir = storage.child(spec.name)
@@ -197,8 +249,7 @@ def run_sweep(
     meta = prepare_sweep_dir(loaded, sweep_dir, tracking_uri)
     # Before anything of this run starts: end a killed predecessor's leftovers, or refuse while it runs.
     local_ray.end_predecessor(sweep_dir)
-    tracking_uri = meta["tracking_uri"]
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(meta["tracking_uri"])
     experiment_id, parent_run_id = ensure_parent_run(
         client,
         experiment=spec.experiment,
@@ -208,16 +259,96 @@ def run_sweep(
         spec_text=sweep_dir.read_text("spec.yaml"),
         sweep_dir=str(sweep_dir),
     )
-    sweep_ctx = {
-        "tracking_uri": tracking_uri,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id,
-        "sweep_id": meta["sweep_id"],
-        "spec_hash": loaded.hash,
-        # Trials keep their own checkpoints there (sweeper.checkpoints), not in Tune's.
-        "checkpoints": sweep_dir.child(CHECKPOINT_DIR).uri,
-    }
-    points = [
+    return OpenSweep(storage, sweep_dir, meta, client, experiment_id, parent_run_id)
+
+
+@contextlib.contextmanager
+def ray_session(sweep: OpenSweep, address: str | None, verbose: bool):
+    """Join ``address`` or start a local Ray (unless this process already has one), and record a local
+    one's processes so that the next run can end them if this driver is killed (sweeper.local_ray)."""
+    import ray
+
+    # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (12 vs 2.4 ms per 100-key
+    # result on 2 cores); MLflow holds the metrics.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
+    # the in-memory trial table and MLflow instead.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    started_ray = not ray.is_initialized()
+    # Only a driver that starts its own local Ray leaves processes behind when it is killed.
+    recorder = (
+        local_ray.Recorder(sweep.sweep_dir) if started_ray and not address else contextlib.nullcontext()
+    )
+    with recorder:
+        try:
+            if started_ray:
+                # Workers do not inherit the driver's environment; trials also get the store and the
+                # data root in their params, so a reused Ray session works the same.
+                _init_ray(address, {"MLFLOW_TRACKING_URI": sweep.tracking_uri, **credential_env()}, verbose)
+            yield
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def calibrate_sweep(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep) -> LoadedSpec:
+    """The spec with numbers for its ``auto`` settings (sweeper.calibration), recorded on the parent run."""
+    from sweeper.tracking import record_calibration
+
+    loaded, record = calibrate(loaded, trials, sweep.sweep_dir, sweep.storage)
+    if record is not None:
+        record_calibration(sweep.client, sweep.parent_run_id, record)
+    return loaded
+
+
+def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep, searcher, progress: bool):
+    """Tune's experiment in the sweep directory: restored when it exists (Tune then keeps its own trial
+    table and params), else new, over the grid's points (or bundles of them) or the searcher's."""
+    from ray import tune
+
+    from sweeper.progress import ProgressPrinter
+    from sweeper.trial import run_trial
+
+    spec = loaded.spec
+    trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    experiment = sweep.sweep_dir.child(TUNE_DIR)
+    # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
+    # location hands Tune its pyarrow filesystem.
+    fs = None if sweep.sweep_dir.is_local else sweep.sweep_dir.fs
+    if tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
+        return tune.Tuner.restore(
+            experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
+        )
+    if searcher is None:
+        points = grid_points(trials)
+        if spec.bundle != 1:
+            points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
+        param_space = {"point": tune.grid_search(points), "sweep": sweep.trial_context(loaded)}
+        search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
+    else:
+        # The searcher hands out whole configs and ends the experiment (num_samples=-1).
+        param_space = {}
+        search_config = {"search_alg": searcher, "num_samples": -1, **_pruning(loaded)}
+    callbacks = [ProgressPrinter(total_trials(loaded, trials), spec.objective.metric)] if progress else []
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=trial_dirname, **search_config),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=sweep.sweep_dir.path,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def grid_points(trials: list[PlannedTrial]) -> list[dict[str, Any]]:
+    """One Tune "point" per planned trial: its config and what its MLflow run is found and named by."""
+    return [
         {
             "trial": t.config.model_dump(mode="json"),
             "key": t.key,
@@ -229,82 +360,31 @@ def run_sweep(
         }
         for t in trials
     ]
-    # Tune's per-result JSON/CSV/TensorBoard loggers cost ~5x our own reporting (12 vs 2.4 ms per 100-key
-    # result on 2 cores); MLflow holds the metrics.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Without Tune's file loggers, ExperimentAnalysis warns it finds no result.json; results come from
-    # the in-memory trial table and MLflow instead.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    # Workers do not inherit the driver's environment; trials also get the store and the
-    # data root in their params, so a reused Ray session works the same.
-    env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, **credential_env()}
-    import ray
 
-    started_ray = not ray.is_initialized()
-    # Only a driver that starts its own local Ray leaves processes behind when it is killed.
-    recorder = local_ray.Recorder(sweep_dir) if started_ray and not address else contextlib.nullcontext()
-    callbacks = [ProgressPrinter(total_trials(loaded, trials), spec.objective.metric)] if progress else []
-    with recorder:
-        try:
-            if started_ray:
-                _init_ray(address, env_vars, verbose)
-            loaded, calibration = calibrate(loaded, trials, sweep_dir, storage)
-            if calibration is not None:
-                record_calibration(client, parent_run_id, calibration)
-            spec = loaded.spec
-            # Ray leaves torch one thread in a worker, whatever the trial's CPUs.
-            sweep_ctx["threads"] = max(1, int(spec.resources.cpu))
-            searcher = _searcher(loaded, trials, sweep_ctx, meta["optuna_storage"]) if spec.search else None
-            if spec.bundle != 1 and searcher is None:
-                points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
-            trainable = tune.with_resources(run_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-            experiment = sweep_dir.child(TUNE_DIR)
-            # A local path goes to Tune as a plain path, as before object stores were supported; only a remote
-            # location hands Tune its pyarrow filesystem.
-            fs = None if sweep_dir.is_local else sweep_dir.fs
-            if tune.Tuner.can_restore(experiment.path, storage_filesystem=fs):
-                tuner = tune.Tuner.restore(
-                    experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
-                )
-            else:
-                if searcher is None:
-                    param_space = {"point": tune.grid_search(points), "sweep": sweep_ctx}
-                    search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
-                else:
-                    # The searcher hands out whole configs and ends the experiment (num_samples=-1).
-                    param_space = {}
-                    search_config = {"search_alg": searcher, "num_samples": -1}
-                    if spec.search.prune is not None:
-                        from ray.tune.schedulers import ASHAScheduler
 
-                        search_config["scheduler"] = ASHAScheduler(
-                            time_attr="epoch",
-                            metric=spec.objective.metric,
-                            mode=spec.objective.mode,
-                            max_t=spec.train.epochs,
-                            grace_period=spec.search.prune.grace_period,
-                            reduction_factor=spec.search.prune.reduction_factor,
-                        )
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=param_space,
-                    tune_config=tune.TuneConfig(
-                        reuse_actors=True, trial_dirname_creator=trial_dirname, **search_config
-                    ),
-                    run_config=tune.RunConfig(
-                        name=TUNE_DIR,
-                        storage_path=sweep_dir.path,
-                        storage_filesystem=fs,
-                        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                        callbacks=callbacks,
-                        verbose=0,
-                    ),
-                )
-            grid = tuner.fit()
-        finally:
-            if started_ray:
-                ray.shutdown()
+def _pruning(loaded: LoadedSpec) -> dict[str, Any]:
+    """ASHA early stopping of searched trials, when the spec asks for it."""
+    spec = loaded.spec
+    if spec.search.prune is None:
+        return {}
+    from ray.tune.schedulers import ASHAScheduler
+
+    return {
+        "scheduler": ASHAScheduler(
+            time_attr="epoch",
+            metric=spec.objective.metric,
+            mode=spec.objective.mode,
+            max_t=spec.train.epochs,
+            grace_period=spec.search.prune.grace_period,
+            reduction_factor=spec.search.prune.reduction_factor,
+        )
+    }
+
+
+def collect_outcomes(grid) -> list[TrialOutcome]:
+    """Every planned trial's outcome from Tune's results, a bundle's members each from their prefixed
+    metrics (sweeper.trial.member_prefix); sorted by name."""
+    from sweeper.trial import member_prefix
 
     outcomes = []
     for result in grid:
@@ -315,8 +395,6 @@ def run_sweep(
             status = "FAILED" if error else "FINISHED"
             outcomes.append(TrialOutcome(point["name"], point["key"], status, metrics, error))
             continue
-        from sweeper.trial import member_prefix
-
         for i, member in enumerate(point["bundle"]):
             prefix = member_prefix(i)
             own = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
@@ -325,7 +403,13 @@ def run_sweep(
                 member_error = "no result reported"
             status = "FAILED" if member_error else "FINISHED"
             outcomes.append(TrialOutcome(member["name"], member["key"], status, own, member_error))
-    outcomes.sort(key=lambda o: o.name)
+    return sorted(outcomes, key=lambda o: o.name)
+
+
+def finish_sweep(loaded: LoadedSpec, sweep: OpenSweep, outcomes: list[TrialOutcome], searcher) -> None:
+    """The parent run's summary metrics and tags (and each cell's best, with a search); then FINISHED."""
+    from sweeper.tracking import TAG_TRIALS_FAILED, finish_parent_run
+
     summary = _parent_summary(loaded, outcomes)
     tags = {TAG_TRIALS_FAILED: str(sum(o.status == "FAILED" for o in outcomes))}
     if searcher is not None:
@@ -334,10 +418,7 @@ def run_sweep(
         best, best_tags = best_per_cell(searcher)
         summary.update(best)
         tags.update(best_tags)
-    finish_parent_run(client, parent_run_id, summary, tags)
-    return SweepResult(
-        sweep_dir, tracking_uri, experiment_id, parent_run_id, outcomes, time.perf_counter() - started
-    )
+    finish_parent_run(sweep.client, sweep.parent_run_id, summary, tags)
 
 
 def calibrate(
@@ -450,7 +531,7 @@ def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:
     )
 
 
-def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[str, Any], storage_url: str):
+def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep):
     from sweeper.search import CellSearcher
 
     search = loaded.spec.search
@@ -471,8 +552,8 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep_ctx: dict[st
         seed=search.optuna.seed,
         trials_per_cell=search.optuna.trials_per_cell,
         max_concurrent=search.optuna.max_concurrent,
-        storage_url=storage_url,
-        sweep=sweep_ctx,
+        storage_url=sweep.meta["optuna_storage"],
+        sweep=sweep.trial_context(loaded),
         metric=loaded.spec.objective.metric,
         mode=loaded.spec.objective.mode,
         bundle=members_per_trial(loaded, trials, _trial_slots(loaded)),

@@ -12,6 +12,7 @@ from trainables.bundle import Bundle, BundleError, bundle_key, check_bundle
 from trainables.config import TrialConfig
 from trainables.loop import Trainer, TrialDiverged
 from trainables.measure import measure
+from trainables.models import REGISTRY
 
 BASE = dict(
     dataset="gaussian",
@@ -102,9 +103,18 @@ def test_bundle_measures_its_members_together(monkeypatch):
 
 
 IMAGE_MODELS = {
+    "convnet": {"convnet": {"channels": 16, "depth": 2}},  # 16 features: an ETF classifier for 10 classes
     "resnet18": {"resnet": {"stem": "imagenet"}},  # 8 x 8 digits end as 2 x 2 maps: narrow taps, fast
+    "resnet34": {"resnet": {"stem": "cifar"}},  # imagenet's 1 x 1 maps: a 1-ulp init change moves it 5e-4
+    "resnet50": {"resnet": {"stem": "imagenet"}},
     "vit": {"vit": {"width": 32, "depth": 2, "heads": 4, "fc_width": 64, "patch_size": 4}},
 }
+"""Every registered architecture but the MLP (tested above on its own), as the README promises."""
+ILL_CONDITIONED = {"resnet50"}
+"""Training on 40 samples amplifies rounding beyond any bound a comparison could use: a 1-ulp change of
+ResNet-50's initial weights moves a BatchNorm bias by 21% (relative) after one step, with either stem.
+Its bundle is compared with lone trials where that is well-posed: the metric pass of the same weights,
+and a whole run's keys (below)."""
 DISCRETE = ("train_acc", "test_acc", "ncc_acc", "ncc_mismatch", "probe_acc")
 """Counts of decisions: a sample at a near-tie may flip under any reordering of a sum."""
 
@@ -170,9 +180,13 @@ def _measurement_violations(bundled: dict, trainer: Trainer) -> list[str]:
     return bad
 
 
+def test_every_registered_architecture_is_bundle_tested():
+    assert set(IMAGE_MODELS) | {"mlp"} == set(REGISTRY)
+
+
 @pytest.mark.parametrize("architecture", IMAGE_MODELS)
-def test_resnet_and_vit_bundles_match_trials_trained_alone(architecture):
-    """ResNet (BatchNorm, in-place ReLU, residual adds) and ViT (attention, LayerNorm) under vmap.
+def test_image_model_bundles_match_trials_trained_alone(architecture):
+    """ConvNet, ResNet (BatchNorm, in-place ReLU, residual adds) and ViT (attention, LayerNorm) under vmap.
 
     Training: every step of the bundle is the lone trial's step, checked where it is well-conditioned.
     Whole-batch steps (40 samples) keep BatchNorm's statistics well-conditioned; the parameters and losses
@@ -183,6 +197,10 @@ def test_resnet_and_vit_bundles_match_trials_trained_alone(architecture):
     cfgs = _image_cfgs(architecture, batch_size=40)
     bundle = Bundle(cfgs)
     alone = [Trainer(cfg) for cfg in cfgs]
+    if architecture in ILL_CONDITIONED:
+        bundle.train_epoch()
+        _check_measurement(bundle, alone)
+        return
     for _ in range(2):
         bundled_loss = bundle.train_epoch().tolist()
         for i, trainer in enumerate(alone):
@@ -210,6 +228,10 @@ def test_resnet_and_vit_bundles_match_trials_trained_alone(architecture):
     ]
     assert max(gaps) > 1e-3  # far outside the 1e-4 the bundle is held to
 
+    _check_measurement(bundle, alone)
+
+
+def _check_measurement(bundle: Bundle, alone: list[Trainer]) -> None:
     bundle._unstack()  # members' modules receive their slices, as when they checkpoint
     measured = bundle.measure([0, 1])
     for i, trainer in enumerate(alone):
@@ -219,7 +241,7 @@ def test_resnet_and_vit_bundles_match_trials_trained_alone(architecture):
     assert len(_measurement_violations(measured[0], alone[1])) > 10
 
 
-def test_resnet_and_vit_bundles_train_to_the_end_with_every_metric():
+def test_image_model_bundles_train_to_the_end_with_every_metric():
     """The whole bundled run, mini-batches and all, reports what a lone trial reports, key for key."""
     for architecture in IMAGE_MODELS:
         cfgs = _image_cfgs(architecture, batch_size=20)

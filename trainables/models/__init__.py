@@ -1,10 +1,11 @@
-"""Model registry: architecture name -> constructor. Every model answers the same questions (STYLE.md):
-``forward_taps`` (logits and named feature taps, in depth order), ``tap_names``, ``penultimate`` (the tap
-the classifier reads), ``classifier`` (its weight is NC3's W), ``etf_candidates`` (weight layers that may
-become ETF, from the top), ``etf_input_taps`` and ``consumer_weights``."""
+"""Model registry: architecture name -> constructor. Every model is a :class:`TappedModel`: it answers the
+questions the trainer, the metric pass, the ETF variants and bundles ask of it."""
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
+import torch
 from torch import nn
 
 from trainables.config import EtfAdaptive, EtfDepth, EtfTransformer, TrialConfig
@@ -14,6 +15,34 @@ from trainables.models.convnet import ConvNet
 from trainables.models.mlp import MLP
 from trainables.models.resnet import ResNet
 from trainables.models.vit import ViT
+
+
+@runtime_checkable
+class TappedModel(Protocol):
+    """The feature API every registered model has (tests check each against it)."""
+
+    tap_names: list[str]
+    """Named feature taps, in depth order: the layers the NC metrics are measured at."""
+    penultimate: str
+    """The tap the classifier reads (NC2/NC3 of the last layer, 004's collapse at the classifier)."""
+    classifier: nn.Linear
+    """The last layer; its weight is NC3's W."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N x C)."""
+
+    def forward_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and every tap, keyed by :attr:`tap_names` in that order."""
+
+    def etf_candidates(self) -> list[tuple[str, nn.Linear]]:
+        """The weight layers that may be fixed to simplex ETFs, from the top (``etf.depth: k`` fixes the
+        first k)."""
+
+    def etf_input_taps(self) -> list[str | None] | None:
+        """Per ETF candidate, the tap it reads (None: the input); None when Adaptive-ETF cannot apply."""
+
+    def consumer_weights(self) -> dict[str, torch.Tensor]:
+        """Per tap, the weight of the layer that reads it (nc3_alignment, weight stable rank)."""
 
 
 class ModelConfigError(ValueError):
@@ -103,10 +132,21 @@ def initial_etf_layers(cfg: TrialConfig, model: nn.Module) -> list[str]:
             f"svsl.gamma: {cfg.svsl.gamma} is beyond the model's {len(model.tap_names)} taps "
             f"({', '.join(f'{i}={t}' for i, t in enumerate(model.tap_names, start=1))})"
         )
-    for name, layer in candidates[:depth]:
+    # Adaptive-ETF may fix any candidate during training: each must take an ETF as the others do.
+    may_fix = candidates if isinstance(etf, EtfAdaptive) else candidates[:depth]
+    for name, layer in may_fix:
         if min(layer.in_features, layer.out_features) < 2:
             raise ModelConfigError(
                 f"etf: layer {name} is {layer.out_features} x {layer.in_features}; a simplex ETF needs both >= 2"
+            )
+        if layer is model.classifier and layer.in_features < layer.out_features:
+            # The lifted E_K would leave C - d classes a zero weight row: no class of theirs could ever be
+            # scored above another, and NC3 and the classifier's NC2 would divide by zero.
+            raise ModelConfigError(
+                f"etf: the classifier ({name}) reads {layer.in_features} features for {layer.out_features} "
+                "classes; a simplex ETF classifier needs at least as many features as classes (its rows are "
+                "the C vertices: W^T = sqrt(C/(C-1)) P (I_C - 11^T/C)); widen the layer below it or fix "
+                "fewer layers"
             )
     return [name for name, _ in candidates[:depth]]
 
