@@ -22,7 +22,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from trainables.config import METRIC_DEFINITIONS_VERSION
+from trainables.config import METRIC_DEFINITIONS_VERSION, flatten_paths
 
 TAG_SWEEP = "sweeper.sweep_id"
 TAG_ROLE = "sweeper.role"
@@ -118,16 +118,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(data: dict[str, Any]) -> dict[str, str]:
     """Nested config -> flat dotted params (``model.mlp.width``), values as MLflow stores them."""
-    out: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = str(value)
-    return out
+    return {k: str(v) for k, v in flatten_paths(data).items()}
 
 
 def _runs_tagged(client: MlflowClient, experiment_id: str, max_results: int = 1000, **tags: str):

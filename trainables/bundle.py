@@ -28,9 +28,9 @@ import torch
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, changed_paths, flatten_paths
 from trainables.data import Splits, load_splits
-from trainables.loop import Reporter, Trainer, TrialDiverged, resolve_device
+from trainables.loop import Reporter, Trainer, batch_starts, diverged, resolve_device
 from trainables.losses import svsl_penalty, task_loss
 from trainables.measure import ModelStack, measure_stack
 from trainables.memory import members_measured_together, metric_bytes
@@ -50,38 +50,20 @@ class BundleError(ValueError):
 def bundle_key(cfg: TrialConfig) -> str:
     """Trials with equal keys can share a bundle: the config without the fields members may vary in."""
     data = cfg.model_dump(mode="json")
-    for path in VARYING:
-        *parents, leaf = path.split(".")
-        node = data
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
-    return repr(sorted(_flatten(data).items()))
+    return repr(sorted((k, v) for k, v in flatten_paths(data).items() if not _varies(k)))
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _varies(path: str) -> bool:
+    return any(path == v or path.startswith(f"{v}.") for v in VARYING)
 
 
 def check_bundle(cfgs: list[TrialConfig]) -> None:
     if not cfgs:
         raise BundleError("a bundle needs at least one trial")
-    first = _flatten(cfgs[0].model_dump(mode="json"))
-    key = bundle_key(cfgs[0])
+    first = cfgs[0].model_dump(mode="json")
     for cfg in cfgs[1:]:
-        if bundle_key(cfg) != key:
-            other = _flatten(cfg.model_dump(mode="json"))
-            differ = sorted(
-                k
-                for k in set(first) | set(other)
-                if first.get(k) != other.get(k) and not k.startswith(tuple(f"{v}" for v in VARYING))
-            )
+        differ = sorted(p for p in changed_paths(first, cfg.model_dump(mode="json")) if not _varies(p))
+        if differ:
             raise BundleError(
                 f"bundle members differ in {', '.join(differ)}; they may differ only in {VARYING}"
             )
@@ -305,20 +287,17 @@ class Bundle:
             [torch.randperm(len(x), device=self.device, generator=m.shuffle) for m in self.members]
         )
         loss_sum = torch.zeros(len(self.members), device=self.device)
-        steps = 0
         first = all(v is None for v in self.momentum.values())
-        for lo in range(0, len(x), batch):
+        starts = batch_starts(len(x), batch)
+        for steps, lo in enumerate(starts):
             idx = perms[:, lo : lo + batch]
-            if idx.shape[1] < 2 and steps:  # as Trainer.train_epoch: BatchNorm needs two samples
-                continue
             flat = idx.reshape(-1)  # one gather for every member's batch (faster than x[idx])
             xb = x.index_select(0, flat).view(*idx.shape, *x.shape[1:])
             losses = self._losses(xb, y.index_select(0, flat).view(idx.shape))
             losses.sum().backward()  # members are independent: each slice gets its own gradient
             self._sgd_step(lrs, first and steps == 0)
             loss_sum += losses.detach()
-            steps += 1
-        return loss_sum / steps
+        return loss_sum / len(starts)
 
     def run(
         self, reporters: list[Reporter], epoch_done: Callable[[int], None] | None = None
@@ -339,10 +318,8 @@ class Bundle:
                 # when they checkpoint (check_bundle: all at once) and at the end.
                 self._unstack()
             for i, loss in enumerate(losses):
-                if i not in self.failed and not torch.isfinite(torch.tensor(loss)):
-                    self.failed[i] = TrialDiverged(
-                        f"training loss is {loss} at epoch {self.members[i].epoch + 1}"
-                    )
+                if i not in self.failed and (error := diverged(loss, self.members[i].epoch + 1)):
+                    self.failed[i] = error
                     self.alive[i] = False  # its slices stop changing; the other members go on
             measured = self.measure([i for i in range(len(self.members)) if i not in self.failed])
             for i, (member, reporter) in enumerate(zip(self.members, reporters)):

@@ -279,6 +279,17 @@ def has_path(data: Any, path: str) -> bool:
     return True
 
 
+def flatten_paths(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": value}`` for every leaf (a non-mapping value)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten_paths(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def changed_paths(old: Any, new: Any, prefix: str = "") -> set[str]:
     """Dotted paths whose values differ between two nested mappings (a path on one side only counts)."""
     if isinstance(old, dict) and isinstance(new, dict):

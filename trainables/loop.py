@@ -8,6 +8,7 @@ without per-sample Python). Everything needed to continue a run exactly is in :m
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -45,6 +46,18 @@ class Reporter(Protocol):
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def batch_starts(n: int, batch: int) -> range | list[int]:
+    """Where each mini-batch of an epoch over ``n`` samples starts. A last batch of one sample is
+    dropped unless it is the only one: BatchNorm cannot normalise a batch of one (Trainer and Bundle)."""
+    starts = range(0, n, batch)
+    return starts[:-1] if len(starts) > 1 and n - starts[-1] < 2 else starts
+
+
+def diverged(loss: float, epoch: int) -> TrialDiverged | None:
+    """The error that ends a trial whose epoch ``epoch`` had a non-finite mean training loss, else None."""
+    return None if math.isfinite(loss) else TrialDiverged(f"training loss is {loss} at epoch {epoch}")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -210,18 +223,15 @@ class Trainer:
         batch = self.cfg.train.batch_size
         perm = torch.randperm(len(x), device=self.device, generator=self.shuffle)
         loss_sum = torch.zeros((), device=self.device)
-        steps = 0
-        for lo in range(0, len(x), batch):
+        starts = batch_starts(len(x), batch)
+        for lo in starts:
             idx = perm[lo : lo + batch]
-            if len(idx) < 2 and steps:  # BatchNorm cannot normalise a batch of one sample
-                continue
             loss = self._gradients(x.index_select(0, idx), y.index_select(0, idx))
             self.optimizer.step()
             loss_sum += loss.detach()
-            steps += 1
-        mean_loss = float(loss_sum / steps)  # the epoch's single host sync
-        if not torch.isfinite(torch.tensor(mean_loss)):
-            raise TrialDiverged(f"training loss is {mean_loss} at epoch {self.epoch + 1}")
+        mean_loss = float(loss_sum / len(starts))  # the epoch's single host sync
+        if (error := diverged(mean_loss, self.epoch + 1)) is not None:
+            raise error
         return mean_loss
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
