@@ -122,45 +122,88 @@ def measure_stack(
 ) -> list[dict[str, float]]:
     """:func:`measure` for every model of ``stack`` at once (already in eval mode): one dict per member,
     each what that model measured alone gives. ``labels`` name the members in warnings."""
-    m = stack.members
-    out: list[dict[str, float]] = [{} for _ in range(m)]
-    accumulators: dict[str, dict[str, TapAccumulator]] = {}
-    cached: dict[str, list | None] = {}
-    for split, (x, y) in splits.items():
-        loss_sum = torch.zeros(m, dtype=torch.float64, device=x.device)
-        correct = torch.zeros(m, dtype=torch.float64, device=x.device)
-        taps_acc: dict[str, TapAccumulator] = {}
-        kept: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] | None = (
-            [] if collapse else None
-        )
-        for xb, yb in _batches(x, y, batch_size):
-            logits, taps = stack.forward(xb, collapse)
-            per_member = torch.vmap(lambda z, yb=yb: task_loss(z, yb, num_classes, loss))(logits.float())
-            loss_sum += per_member.double() * len(yb)
-            predictions = logits.argmax(-1)
-            correct += (predictions == yb).sum(-1)
-            for name, h in taps.items():
-                if name not in taps_acc:
-                    role = ("fit" if split == "train" else "score") if probe else None
-                    taps_acc[name] = TapAccumulator(
-                        num_classes, h[0, 0].numel(), h.device, members=m, probe=role
-                    )
-                taps_acc[name].add_pass1(h, yb)
-            if kept is not None:
-                per_sample = sum(h[0, 0].numel() * h.element_size() for h in taps.values())
-                if per_sample * len(x) <= CACHE_BYTES:
-                    kept.append((taps, yb, predictions))
-                else:
-                    kept = None
-        cached[split] = kept
-        for i, (loss_i, correct_i) in enumerate(
-            zip((loss_sum / len(x)).tolist(), (correct / len(x)).tolist(), strict=True)
-        ):
-            out[i][f"{split}_loss"] = loss_i
-            out[i][f"{split}_acc"] = correct_i
-        accumulators[split] = taps_acc
+    out: list[dict[str, float]] = [{} for _ in range(stack.members)]
+    passes = {
+        split: _pass1(stack, x, y, num_classes, batch_size, collapse, loss, probe, split, out)
+        for split, (x, y) in splits.items()
+    }
     if not collapse:
         return out
+    live, dropped = _end_pass1(passes, stack.members, labels, probe)
+    for split, (x, y) in splits.items():
+        batches = passes[split].kept
+        if live[split]:
+            for taps, yb, predictions in (
+                batches if batches is not None else _forward_again(stack, x, y, batch_size)
+            ):
+                for name, acc in live[split].items():
+                    acc.add_pass2(taps[name], yb, predictions)
+    _results(stack, live, dropped, out)
+    return out
+
+
+@dataclass
+class _Pass1:
+    """One split after pass 1: its tap accumulators, and its batches when they fit the cache."""
+
+    accumulators: dict[str, TapAccumulator]
+    kept: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] | None
+
+
+def _pass1(
+    stack: ModelStack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    batch_size: int,
+    collapse: bool,
+    loss: str,
+    probe: bool,
+    split: str,
+    out: list[dict[str, float]],
+) -> _Pass1:
+    """Accuracy and loss of every member on one split (into ``out``), and with ``collapse`` pass 1 of
+    every tap; taps that fit :data:`CACHE_BYTES` are kept for pass 2, which then need not run the models
+    again."""
+    m = stack.members
+    loss_sum = torch.zeros(m, dtype=torch.float64, device=x.device)
+    correct = torch.zeros(m, dtype=torch.float64, device=x.device)
+    accumulators: dict[str, TapAccumulator] = {}
+    kept: list | None = [] if collapse else None
+    for xb, yb in _batches(x, y, batch_size):
+        logits, taps = stack.forward(xb, collapse)
+        per_member = torch.vmap(lambda z, yb=yb: task_loss(z, yb, num_classes, loss))(logits.float())
+        loss_sum += per_member.double() * len(yb)
+        predictions = logits.argmax(-1)
+        correct += (predictions == yb).sum(-1)
+        if (
+            kept is not None
+            and sum(h[0, 0].numel() * h.element_size() for h in taps.values()) * len(x) <= CACHE_BYTES
+        ):
+            kept.append((taps, yb, predictions))
+        else:
+            kept = None
+        for name, h in taps.items():
+            if name not in accumulators:
+                role = ("fit" if split == "train" else "score") if probe else None
+                accumulators[name] = TapAccumulator(
+                    num_classes, h[0, 0].numel(), h.device, members=m, probe=role
+                )
+            accumulators[name].add_pass1(h, yb)
+    for i, (loss_i, correct_i) in enumerate(
+        zip((loss_sum / len(x)).tolist(), (correct / len(x)).tolist(), strict=True)
+    ):
+        out[i][f"{split}_loss"] = loss_i
+        out[i][f"{split}_acc"] = correct_i
+    return _Pass1(accumulators, kept)
+
+
+def _end_pass1(
+    passes: dict[str, _Pass1], m: int, labels: list[str] | None, probe: bool
+) -> tuple[dict[str, dict[str, TapAccumulator]], dict[str, set[int]]]:
+    """Fix every split's class means (the train split first: NCC on every split uses its means, and the
+    probe its fit); return the accumulators still live per split, and per tap the members without train
+    statistics this epoch (each degenerate case warned about once)."""
 
     def warn(i: int | None, where: str, reason: object) -> None:
         """``i``: the member, or None for all of them; a lone model's warning names no member."""
@@ -174,11 +217,11 @@ def measure_stack(
 
     train_means: dict[str, torch.Tensor] = {}
     train_probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    dropped: dict[str, set[int]] = {}  # tap -> members without train statistics this epoch
+    dropped: dict[str, set[int]] = {}
     live: dict[str, dict[str, TapAccumulator]] = {}
-    for split, taps_acc in accumulators.items():
+    for split, done in passes.items():
         live[split] = {}
-        for name, acc in taps_acc.items():
+        for name, acc in done.accumulators.items():
             if split != "train" and name not in train_means:
                 continue
             try:
@@ -199,18 +242,17 @@ def measure_stack(
                     train_probes[name] = acc.probe_weights
             if len(dropped[name] | set(acc.degenerate)) < m:
                 live[split][name] = acc
+    return live, dropped
 
-    for split, (x, y) in splits.items():
-        if not live[split]:
-            continue
-        batches = cached[split]
-        if batches is None:  # too wide to keep: run the models again
-            batches = _forward_again(stack, x, y, batch_size)
-        for taps, yb, predictions in batches:
-            for name, acc in live[split].items():
-                acc.add_pass2(taps[name], yb, predictions)
 
-    # One SVD per consumer weight serves NC3 alignment and the weight's stable rank on every split.
+def _results(
+    stack: ModelStack,
+    live: dict[str, dict[str, TapAccumulator]],
+    dropped: dict[str, set[int]],
+    out: list[dict[str, float]],
+) -> None:
+    """Every live tap's metrics into ``out``, per member; one SVD per consumer weight serves NC3
+    alignment and the weight's stable rank on every split."""
     svds = {
         name: weight_svd(w, members=True)
         for name, w in stack.consumers.items()
@@ -227,4 +269,3 @@ def measure_stack(
                 if member_values is None or i in dropped[name]:
                     continue
                 out[i].update({metric_key(k, split, name): v for k, v in member_values.items()})
-    return out

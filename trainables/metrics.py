@@ -305,10 +305,11 @@ class TapAccumulator:
         for lo in range(0, h.shape[1], step):
             block = h[:, lo : lo + step].to(torch.float64)
             yb = labels[lo : lo + block.shape[1]]
-            diff = block - self.means.index_select(1, yb)
+            diff = self.means.index_select(1, yb)
+            torch.sub(block, diff, out=diff)  # in the gathered means' memory: one N x d buffer, not two
             self.within_sq.index_add_(1, yb, torch.linalg.vector_norm(diff, dim=-1) ** 2)
             if not self.wide:
-                self.within_gram += diff.mT @ diff  # nc1's projection is read off it (see result)
+                self.within_gram.baddbmm_(diff.mT, diff)  # nc1's projection is read off it (see result)
             else:
                 self.projected_sq += ((diff @ self.M_pinv.mT) ** 2).sum((1, 2))
                 # The subspace products run in float32 (relative error ~1e-6, far inside the bounds
