@@ -8,7 +8,6 @@ spec again with the same storage resumes it; a different spec under the same nam
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import yaml
 from sweeper import local_ray
 from sweeper.checkpoints import CHECKPOINT_DIR
 from sweeper.location import Location, LocationError, credential_env, parse_location
+from sweeper.points import BundlePoint, SweepContext, TrialPoint, point_from_dict
 from sweeper.spec import ADDED_FIELDS, LoadedSpec, PlannedTrial, SpecError, expand
 from trainables.config import TrialConfig, changed_paths, get_path
 from trainables.data import data_root
@@ -180,17 +180,17 @@ class OpenSweep:
 
     def trial_context(self, loaded: LoadedSpec) -> dict[str, Any]:
         """What every trial needs of the sweep (Tune stores it with the trials' params)."""
-        return {
-            "tracking_uri": self.tracking_uri,
-            "experiment_id": self.experiment_id,
-            "parent_run_id": self.parent_run_id,
-            "sweep_id": self.meta["sweep_id"],
-            "spec_hash": loaded.hash,
+        return SweepContext(
+            tracking_uri=self.tracking_uri,
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent_run_id,
+            sweep_id=self.meta["sweep_id"],
+            spec_hash=loaded.hash,
             # Trials keep their own checkpoints there (sweeper.checkpoints), not in Tune's.
-            "checkpoints": self.sweep_dir.child(CHECKPOINT_DIR).uri,
+            checkpoints=self.sweep_dir.child(CHECKPOINT_DIR).uri,
             # Ray leaves torch one thread in a worker, whatever the trial's CPUs.
-            "threads": max(1, int(loaded.spec.resources.cpu)),
-        }
+            threads=max(1, int(loaded.spec.resources.cpu)),
+        ).to_dict()
 
 
 def run_sweep(
@@ -324,7 +324,10 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
         points = grid_points(trials)
         if spec.bundle != 1:
             points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
-        param_space = {"point": tune.grid_search(points), "sweep": sweep.trial_context(loaded)}
+        param_space = {
+            "point": tune.grid_search([p.to_dict() for p in points]),
+            "sweep": sweep.trial_context(loaded),
+        }
         search_config: dict[str, Any] = {"max_concurrent_trials": spec.max_concurrent}
     else:
         # The searcher hands out whole configs and ends the experiment (num_samples=-1).
@@ -346,18 +349,17 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
     )
 
 
-def grid_points(trials: list[PlannedTrial]) -> list[dict[str, Any]]:
-    """One Tune "point" per planned trial: its config and what its MLflow run is found and named by."""
+def grid_points(trials: list[PlannedTrial]) -> list[TrialPoint]:
+    """One Tune "point" per planned trial."""
     return [
-        {
-            "trial": t.config.model_dump(mode="json"),
-            "key": t.key,
-            "name": t.run_name,
-            "cell": t.cell,
-            "order": f"{t.index:06d}",
-            # Absolute, resolved on the driver: workers run in Ray's session directory.
-            "data_root": str(data_root(t.config.data)),
-        }
+        TrialPoint(
+            trial=t.config.model_dump(mode="json"),
+            key=t.key,
+            name=t.run_name,
+            cell=t.cell,
+            order=f"{t.index:06d}",
+            data_root=str(data_root(t.config.data)),
+        )
         for t in trials
     ]
 
@@ -382,27 +384,23 @@ def _pruning(loaded: LoadedSpec) -> dict[str, Any]:
 
 
 def collect_outcomes(grid) -> list[TrialOutcome]:
-    """Every planned trial's outcome from Tune's results, a bundle's members each from their prefixed
-    metrics (sweeper.trial.member_prefix); sorted by name."""
-    from sweeper.trial import member_prefix
-
+    """Every planned trial's outcome from Tune's results, a bundle's members each from their own keys of
+    the bundle's result (BundlePoint.member_results); sorted by name."""
     outcomes = []
     for result in grid:
-        point = result.config["point"]
+        point = point_from_dict(result.config["point"])
         error = f"{type(result.error).__name__}: {result.error}" if result.error else None
         metrics = dict(result.metrics or {})
-        if "bundle" not in point:
+        if isinstance(point, TrialPoint):
             status = "FAILED" if error else "FINISHED"
-            outcomes.append(TrialOutcome(point["name"], point["key"], status, metrics, error))
+            outcomes.append(TrialOutcome(point.name, point.key, status, metrics, error))
             continue
-        for i, member in enumerate(point["bundle"]):
-            prefix = member_prefix(i)
-            own = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        for member, own in zip(point.members, point.member_results(metrics)):
             member_error = own.pop("error", None) or error
             if member_error is None and "epoch" not in own:
                 member_error = "no result reported"
             status = "FAILED" if member_error else "FINISHED"
-            outcomes.append(TrialOutcome(member["name"], member["key"], status, own, member_error))
+            outcomes.append(TrialOutcome(member.name, member.key, status, own, member_error))
     return sorted(outcomes, key=lambda o: o.name)
 
 
@@ -495,30 +493,20 @@ def _group(cfg: TrialConfig) -> str:
 
 
 def bundle_points(
-    points: list[dict[str, Any]], configs: list[TrialConfig], size: int | str, slots: int
-) -> list[dict[str, Any]]:
+    points: list[TrialPoint], configs: list[TrialConfig], size: int | str, slots: int
+) -> list[TrialPoint | BundlePoint]:
     """Group grid points into trial bundles (trainables.bundle): points with the same bundle key, in grid
     order, ``size`` at a time; ``auto`` splits each group evenly over ``slots`` concurrent trials."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[TrialPoint]] = {}
     for point, cfg in zip(points, configs):
         groups.setdefault(_group(cfg), []).append(point)
-    out = []
+    out: list[TrialPoint | BundlePoint] = []
     for members in groups.values():
         n = size if size != "auto" else math.ceil(len(members) / slots)
         for lo in range(0, len(members), n):
             chunk = members[lo : lo + n]
-            out.append(chunk[0] if len(chunk) == 1 else bundle_point(chunk))
-    return sorted(out, key=lambda p: p["order"])
-
-
-def bundle_point(members: list[dict[str, Any]]) -> dict[str, Any]:
-    digest = hashlib.sha256("|".join(m["key"] for m in members).encode()).hexdigest()[:12]
-    return {
-        "bundle": members,
-        "key": f"bundle-{digest}",
-        "name": f"bundle of {len(members)}: {members[0]['name']} .. {members[-1]['name']}",
-        "order": members[0]["order"],
-    }
+            out.append(chunk[0] if len(chunk) == 1 else BundlePoint.of(chunk))
+    return sorted(out, key=lambda p: p.order)
 
 
 def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:

@@ -7,6 +7,8 @@ import time
 
 from ray.tune import Callback
 
+from sweeper.points import BundlePoint, point_from_dict
+
 
 class ProgressPrinter(Callback):
     def __init__(self, total: int, metric: str) -> None:
@@ -16,9 +18,10 @@ class ProgressPrinter(Callback):
         self.started = time.perf_counter()
 
     def _line(self, trial, status: str) -> None:
-        point = trial.config.get("point", {})
-        self.done += len(point.get("bundle", [point]))  # counts trials: a bundle is several
-        name = point.get("name", trial.trial_id)
+        point = point_from_dict(trial.config["point"]) if "point" in trial.config else None
+        # Counts trials: a bundle is several.
+        self.done += len(point.members) if isinstance(point, BundlePoint) else 1
+        name = point.name if point is not None else trial.trial_id
         result = trial.last_result or {}
         value = result.get(self.metric)
         shown = f"{self.metric}={value:.4f}" if isinstance(value, (int, float)) else ""

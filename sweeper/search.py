@@ -35,6 +35,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from sweeper.points import BundlePoint, TrialPoint
 from sweeper.tracking import TAG_BEST_PREFIX, TAG_FAILURE, TAG_STUDY, TAG_STUDY_TRIAL, TAG_SWEEP, TAG_TRIAL
 
 ORPHANED = "sweeper.orphaned"
@@ -80,7 +81,7 @@ class CellSearcher(Searcher):
     ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``trial`` (its trial
     config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``:
     dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune trial
-    (sweeper.orchestrate.bundle_point); the objective is then told per member, from the bundle's
+    (sweeper.points.BundlePoint); the objective is then told per member, from the bundle's
     ``m<i>:<metric>`` results.
     """
 
@@ -202,13 +203,10 @@ class CellSearcher(Searcher):
             members.append((index, trial.number))
             points.append(self._point(index, trial.number, trial.params))
         self.live[trial_id] = members
-        if len(points) == 1:
-            return {"point": points[0], "sweep": self.sweep}
-        from sweeper.orchestrate import bundle_point
+        point = points[0] if len(points) == 1 else BundlePoint.of(points)
+        return {"point": point.to_dict(), "sweep": self.sweep}
 
-        return {"point": bundle_point(points), "sweep": self.sweep}
-
-    def _point(self, index: int, number: int, params: dict[str, Any]) -> dict[str, Any]:
+    def _point(self, index: int, number: int, params: dict[str, Any]) -> TrialPoint:
         import json
 
         from trainables.config import set_path
@@ -218,22 +216,17 @@ class CellSearcher(Searcher):
         for path, value in params.items():
             set_path(trial, path, value)
         prefix = f"{cell['name']}," if cell["name"] != "trial" else ""
-        return {
-            "trial": trial,
-            "key": trial_key(cell["key"], number),
-            "name": f"{prefix}trial={number}",
-            "cell": cell["name"],
-            "order": f"{index:06d}-{number:06d}",
-            "data_root": cell["data_root"],
-            "tags": {
-                TAG_STUDY: study_name(self.sweep["sweep_id"], cell["key"]),
-                TAG_STUDY_TRIAL: str(number),
-            },
-        }
+        return TrialPoint(
+            trial=trial,
+            key=trial_key(cell["key"], number),
+            name=f"{prefix}trial={number}",
+            cell=cell["name"],
+            order=f"{index:06d}-{number:06d}",
+            data_root=cell["data_root"],
+            tags={TAG_STUDY: study_name(self.sweep["sweep_id"], cell["key"]), TAG_STUDY_TRIAL: str(number)},
+        )
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from sweeper.trial import member_prefix
-
         members = self.live.pop(trial_id, [])
         result = result or {}
         for i, (index, number) in enumerate(members):
@@ -241,7 +234,7 @@ class CellSearcher(Searcher):
             state = next(t.state for t in study.get_trials(deepcopy=False) if t.number == number)
             if state.is_finished():
                 continue  # told before the driver was killed; the replayed Tune trial changes nothing
-            prefix = member_prefix(i) if len(members) > 1 else ""
+            prefix = BundlePoint.member_prefix(i) if len(members) > 1 else ""
             value = result.get(prefix + self.objective)
             failed = error or f"{prefix}error" in result
             if failed or value is None or not math.isfinite(float(value)):

@@ -17,6 +17,7 @@ import torch
 from ray import tune
 
 from sweeper.checkpoints import TrialCheckpoint
+from sweeper.points import BundlePoint, SweepContext, TrialPoint, point_from_dict
 from sweeper.tracking import TAG_CELL, TAG_NODE, TAG_ORDER, TAG_SPEC_HASH, TAG_TAPS, TrialTracker, with_retry
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.config import TrialConfig
@@ -35,9 +36,8 @@ class Checkpoints:
     bundle): the sweeper's own file (sweeper.checkpoints), or Tune's checkpoints for a sweep started before
     it had one (its context has no ``checkpoints``), read so that resuming it loses nothing."""
 
-    def __init__(self, point: dict[str, Any], sweep: dict[str, Any]) -> None:
-        folder = sweep.get("checkpoints")
-        self.own = TrialCheckpoint(folder, point["key"]) if folder else None
+    def __init__(self, key: str, sweep: SweepContext) -> None:
+        self.own = TrialCheckpoint(sweep.checkpoints, key) if sweep.checkpoints else None
 
     def load(self) -> dict[str, dict[str, Any]]:
         if self.own is not None:
@@ -79,28 +79,28 @@ class TuneReporter:
         self.checkpoints.report(result, {} if state is None else {STATE_NAME: state})
 
 
-def _config(point: dict[str, Any]) -> TrialConfig:
-    cfg = TrialConfig.model_validate(point["trial"])
+def _config(point: TrialPoint) -> TrialConfig:
+    cfg = TrialConfig.model_validate(point.trial)
     if cfg.data.root is None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": point["data_root"]})})
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": point.data_root})})
     return cfg
 
 
-def _tracker(point: dict[str, Any], sweep: dict[str, Any], taps: list[str]) -> TrialTracker:
+def _tracker(point: TrialPoint, sweep: SweepContext, taps: list[str]) -> TrialTracker:
     tracker = TrialTracker(
-        tracking_uri=sweep["tracking_uri"],
-        experiment_id=sweep["experiment_id"],
-        parent_run_id=sweep["parent_run_id"],
-        sweep_id=sweep["sweep_id"],
-        trial_key=point["key"],
-        run_name=point["name"],
-        params=point["trial"],
+        tracking_uri=sweep.tracking_uri,
+        experiment_id=sweep.experiment_id,
+        parent_run_id=sweep.parent_run_id,
+        sweep_id=sweep.sweep_id,
+        trial_key=point.key,
+        run_name=point.name,
+        params=point.trial,
         tags={
-            TAG_CELL: point["cell"],
-            TAG_SPEC_HASH: sweep["spec_hash"],
+            TAG_CELL: point.cell,
+            TAG_SPEC_HASH: sweep.spec_hash,
             TAG_TAPS: ",".join(taps),
-            TAG_ORDER: point["order"],
-            **point.get("tags", {}),
+            TAG_ORDER: point.order,
+            **point.tags,
         },
     )
     # Where the trial runs now (a retried trial may move to another node).
@@ -115,14 +115,13 @@ def _mark_restored(tracker: TrialTracker, state: dict[str, Any]) -> None:
 
 
 def run_trial(params: dict[str, Any]) -> None:
-    """Tune entry point. ``params["point"]``: ``trial`` (a TrialConfig dict), ``key``, ``name``, ``cell``,
-    or ``bundle`` (a list of such points, see :func:`run_bundle`); ``params["sweep"]``: tracking URI,
-    experiment and parent run ids, sweep id, spec hash, torch ``threads``."""
-    point, sweep = params["point"], params["sweep"]
-    if "threads" in sweep:  # sweeps started before it ran with Ray's default (one thread)
-        torch.set_num_threads(sweep["threads"])
-    if "bundle" in point:
-        run_bundle(point["bundle"], sweep, point["key"])
+    """Tune entry point. ``params``: ``point`` (a :class:`TrialPoint` or :class:`BundlePoint` as a dict)
+    and ``sweep`` (a :class:`SweepContext` as a dict)."""
+    point, sweep = point_from_dict(params["point"]), SweepContext.from_dict(params["sweep"])
+    if sweep.threads is not None:  # sweeps started before it ran with Ray's default (one thread)
+        torch.set_num_threads(sweep.threads)
+    if isinstance(point, BundlePoint):
+        run_bundle(point, sweep)
         return
     cfg = _config(point)
     taps = tap_names(cfg)
@@ -132,7 +131,7 @@ def run_trial(params: dict[str, Any]) -> None:
         final = tracker.latest_metrics()
         tune.report({"epoch": tracker.last_epoch, **tune_metrics(final)})
         return
-    checkpoints = Checkpoints(point, sweep)
+    checkpoints = Checkpoints(point.key, sweep)
     state = checkpoints.load().get(STATE_NAME)
     if state is not None:
         _mark_restored(tracker, state)
@@ -146,13 +145,8 @@ def run_trial(params: dict[str, Any]) -> None:
         # Resumed from the last epoch's checkpoint (the driver died before the run was marked FINISHED):
         # nothing was left to train, and Tune and the searcher still need the final result.
         tune.report({"epoch": tracker.last_epoch, **tune_metrics(tracker.latest_metrics())})
-    log_trial_figures(tracker, taps, point["name"])
+    log_trial_figures(tracker, taps, point.name)
     tracker.finish(summary)
-
-
-def member_prefix(index: int) -> str:
-    """Tune result keys of bundle member ``index``: ``m3:test_acc`` (the driver splits them per trial)."""
-    return f"m{index}:"
 
 
 class BundleReporter:
@@ -161,7 +155,7 @@ class BundleReporter:
     checkpoint slice (``<trial key>.pt``) together."""
 
     def __init__(
-        self, members: list[dict[str, Any]], trackers: list[TrialTracker], checkpoints: Checkpoints
+        self, members: tuple[TrialPoint, ...], trackers: list[TrialTracker], checkpoints: Checkpoints
     ) -> None:
         self.members = members
         self.trackers = trackers
@@ -186,9 +180,9 @@ class BundleReporter:
     def result(self) -> dict[str, Any]:
         out: dict[str, Any] = {"epoch": max((m["epoch"] for m in self.latest.values()), default=0)}
         for i, metrics in self.latest.items():
-            out.update({member_prefix(i) + k: v for k, v in metrics.items()})
+            out.update({BundlePoint.member_prefix(i) + k: v for k, v in metrics.items()})
         for i, reason in self.failed.items():
-            out[member_prefix(i) + "error"] = reason
+            out[BundlePoint.member_prefix(i) + "error"] = reason
         return out
 
     def mark_failures(self, failed: dict[int, Exception]) -> None:
@@ -201,11 +195,11 @@ class BundleReporter:
     def epoch_done(self, epoch: int) -> None:
         for tracker in self.trackers:  # MLflow first: the checkpoint must not run ahead of the runs
             tracker.flush()
-        self.checkpoints.report(self.result(), {self.members[i]["key"]: s for i, s in self.states.items()})
+        self.checkpoints.report(self.result(), {self.members[i].key: s for i, s in self.states.items()})
         self.states = {}
 
 
-def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any], bundle_key: str) -> None:
+def run_bundle(point: BundlePoint, sweep: SweepContext) -> None:
     """Train a trial bundle (trainables.bundle): one Tune trial, one MLflow child run per member.
 
     Members whose run already FINISHED are not trained again; the others continue from their slices of
@@ -213,13 +207,14 @@ def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any], bundle_key:
     it (it diverged): it stays failed rather than restart alone at epoch 0."""
     from trainables.bundle import Bundle
 
+    members = point.members
     cfgs = [_config(m) for m in members]
     taps = tap_names(cfgs[0])
     trackers = [_tracker(m, sweep, taps) for m in members]
-    checkpoints = Checkpoints({"key": bundle_key}, sweep)
+    checkpoints = Checkpoints(point.key, sweep)
     reporter = BundleReporter(members, trackers, checkpoints)
     saved = checkpoints.load()
-    states = {i: saved[m["key"]] for i, m in enumerate(members) if m["key"] in saved}
+    states = {i: saved[m.key] for i, m in enumerate(members) if m.key in saved}
     active = []
     for i, tracker in enumerate(trackers):
         if tracker.finished:
@@ -256,7 +251,7 @@ def run_bundle(members: list[dict[str, Any]], sweep: dict[str, Any], bundle_key:
             reporter.latest[i] = {"epoch": tracker.last_epoch, **tune_metrics(tracker.latest_metrics())}
     for i, outcome in zip(active, results):
         if not isinstance(outcome, Exception):
-            log_trial_figures(trackers[i], taps, members[i]["name"])
+            log_trial_figures(trackers[i], taps, members[i].name)
             trackers[i].finish(outcome)
     if len(reporter.failed) == len(members):
         raise RuntimeError("every member of the bundle failed: " + "; ".join(reporter.failed.values()))

@@ -297,7 +297,7 @@ def test_plan_text(capsys):
 def test_bundle_sizes_for_the_memory_check_before_a_packed_sweep(tmp_path):
     """The memory check before a packed sweep sizes bundles as the sweep will: the grid splits each group
     over the slots, a search asks a quarter of that (sweeper.search.AUTO_ROUNDS)."""
-    from sweeper.orchestrate import bundle_points, members_per_trial, trial_slots
+    from sweeper.orchestrate import bundle_points, grid_points, members_per_trial, trial_slots
 
     grid = "name: t\ngrid: {seed: [0, 1, 2, 3, 4, 5], dataset: [gaussian, digits]}\nresources: {gpu: 0.25}\n"
     one_gpu = {"GPU": 1, "CPU": 2}
@@ -308,11 +308,9 @@ def test_bundle_sizes_for_the_memory_check_before_a_packed_sweep(tmp_path):
         slots = trial_slots(loaded, one_gpu)
         assert slots == 4  # four quarter-GPU trials
         sizes[bundle] = members_per_trial(loaded, trials, slots)
-        points = [
-            {"key": t.key, "name": t.run_name, "order": f"{t.index:06d}", "data_root": "/d"} for t in trials
-        ]
+        points = grid_points(trials)
         made = bundle_points(points, [t.config for t in trials], bundle, slots) if bundle != 1 else points
-        assert max(len(p.get("bundle", [p])) for p in made) == sizes[bundle]
+        assert max(len(getattr(p, "members", [p])) for p in made) == sizes[bundle]
     # Two groups (datasets) of 6 seeds: auto puts 6 over 4 slots, 2 per bundle.
     assert sizes == {"auto": 2, 4: 4, 1: 1}
 
