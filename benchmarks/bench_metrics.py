@@ -1,4 +1,4 @@
-"""Metric pass time against one training epoch, side by side in one run (issue 3).
+"""Metric pass time against one training epoch, side by side in one run.
 
 Cases:
 - ``mlp-digits``: the quickstart MLP (depth 4, width 64) on scikit-learn's digits; the metric pass covers

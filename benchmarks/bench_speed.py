@@ -1,4 +1,4 @@
-"""Issue 8's CPU speed targets, side by side in one run: seed 000's MLP on MNIST-shaped data.
+"""The trainer's speed against the loops it replaces and the machine's limit: seed 000's MLP, MNIST shapes.
 
 Sections (each prints one Markdown table; ratios compare numbers from this run only):
 - ``epoch``: one training epoch of the trainer (device-resident tensors, randperm batches) against the
@@ -82,7 +82,7 @@ def trial_config(root: Path, **extra):
 
 
 def dataloader_loop(root: Path, workers: int):
-    """The loop issue 8 measured at 3.2 s/epoch on an H100 host: per-sample transforms in a DataLoader.
+    """The usual torchvision loop (3.2 s/epoch measured on an H100 host): per-sample transforms in a DataLoader.
     Returns a function that runs one epoch (the first call also starts the workers)."""
     import torchvision
     from torchvision import transforms
@@ -189,7 +189,7 @@ def matmul_peak(repeats: int, n: int = 2048) -> float:
 
 
 PROTOCOL_EPOCHS = 300
-"""Seed 000's MLP protocol: 300 epochs, every NC metric every epoch (issue 8's trials-per-hour unit)."""
+"""Seed 000's MLP protocol: 300 epochs, every NC metric every epoch (the trials-per-hour unit)."""
 
 
 class _BundleEpochTimes:

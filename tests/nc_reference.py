@@ -1,4 +1,4 @@
-"""An independent float64 reference of SCIENCE.md's metrics: straightforward full-matrix numpy.
+"""An independent float64 reference of docs/science.md's metrics: straightforward full-matrix numpy.
 
 Written from the definitions (Sigma_W, Sigma_B, pinv, explicit loops over class pairs), not from the
 streaming identities the engine uses, so agreement checks the identities too. It shares none of the
@@ -148,7 +148,7 @@ def exact_nc1(h, y, digits=60):
 
 
 def simplex_etf_features(num_classes: int, dim: int, per_class: int, scale: float = 1.0):
-    """Features placed exactly at the vertices of a simplex ETF, no within-class spread (SCIENCE.md)."""
+    """Features placed exactly at the vertices of a simplex ETF, no within-class spread (docs/science.md)."""
     c = num_classes
     etf = np.sqrt(c / (c - 1)) * (np.eye(c) - np.ones((c, c)) / c)  # rows: the C vertices, in R^C
     vertices = np.zeros((c, dim))

@@ -401,7 +401,7 @@ def test_invariant_to_sample_order_and_scale(seed, scale, c, d):
     order_rel = 1e-8 + 64 * np.finfo(float).eps * cond**2
     for key in base:
         assert shuffled[key] == pytest.approx(base[key], rel=order_rel, abs=1e-10), key
-        # Every metric of SCIENCE.md's table is a ratio of like powers of the features: scale-free.
+        # Every metric of docs/science.md's table is a ratio of like powers of the features: scale-free.
         assert scaled[key] == pytest.approx(base[key], rel=max(1e-6, order_rel), abs=1e-9), key
 
 

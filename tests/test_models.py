@@ -133,7 +133,7 @@ def _params(arch, model, etf):
 def test_seed000_mlp_parameter_arithmetic():
     model = {"mlp": {"preset": "seed000"}}
     counts = [_params("mlp", model, {"depth": n})["trainable_params"] for n in range(5)]
-    # SCIENCE.md: the classifier removes 1,280 = 128 x 10, each further hidden layer 16,384 = 128 x 128.
+    # docs/science.md: the classifier removes 1,280 = 128 x 10, each further hidden layer 16,384 = 128 x 128.
     assert [a - b for a, b in zip(counts, counts[1:])] == [1280, 16384, 16384, 16384]
     # Paper: 152,586. Ours: 4 Linear+BN blocks and the classifier, see README ("Parameter counts").
     assert counts[0] == 152330
@@ -143,7 +143,7 @@ def test_seed000_vit_parameter_arithmetic():
     model = {"vit": {"preset": "seed000"}}
     variants = [{"depth": 0}] + [{"transformer": v} for v in ("head", "last_block", "last_2_blocks", "all")]
     counts = [_params("vit", model, v)["trainable_params"] for v in variants]
-    # SCIENCE.md: the head removes 5,120 = 512 x 10, each block's two FC layers 2,097,152 = 2 x 512 x 2048.
+    # docs/science.md: the head removes 5,120 = 512 x 10, each block's two FC layers 2,097,152 = 2 x 512 x 2048.
     assert [a - b for a, b in zip(counts, counts[1:])] == [5120, 2097152, 2097152, 2097152]
     assert counts[0] == 9498122  # paper: 9,491,978; see README
     assert counts[0] - counts[-1] == 9491978 - 3195402  # baseline minus ETF-Transformer, as in 000 Table 2

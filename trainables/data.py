@@ -222,7 +222,7 @@ def load_splits(cfg: TrialConfig) -> Splits:
 
 
 def balanced_subset(y: torch.Tensor, num_classes: int, max_samples: int, seed: int) -> torch.Tensor:
-    """Indices of a fixed, class-balanced subset of at most ``max_samples`` (metric subset, SCIENCE.md).
+    """Indices of a fixed, class-balanced subset of at most ``max_samples`` (metric subset, docs/science.md).
 
     Each class contributes ``max_samples // C`` samples, or all it has when fewer; the choice depends only
     on ``seed``, so every epoch and every resumed run measures the same samples.

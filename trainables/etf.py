@@ -1,4 +1,4 @@
-"""Simplex ETF weights and fixing a layer's weight to one (SCIENCE.md "Simplex ETF layers").
+"""Simplex ETF weights and fixing a layer's weight to one (docs/science.md "Simplex ETF layers").
 
 An ETF layer fixes the **weight** only: it becomes a buffer, so it gets no gradient and no optimizer state;
 bias and normalisation parameters stay trainable. This is the convention behind seed 000's parameter

@@ -1,6 +1,6 @@
 """The per-epoch measurement of a model: accuracy and loss on both splits, and every NC metric of every tap.
 
-Two streaming passes (SCIENCE.md "Computing them at scale") over the fixed metric subset of the train
+Two streaming passes (docs/science.md "Computing them at scale") over the fixed metric subset of the train
 split and the whole test split, all taps at once, under ``torch.no_grad()`` in eval mode. Pass 1 also
 gives the accuracies and losses, so an epoch without NC metrics costs one forward pass per split.
 

@@ -1,6 +1,6 @@
 """Neural-collapse metrics of one layer's features: streaming accumulators plus small pure functions.
 
-Definitions and conventions are those of ``shared/SCIENCE.md`` (metric-definition version
+Definitions and conventions are those of ``docs/science.md`` (metric-definition version
 :data:`trainables.config.METRIC_DEFINITIONS_VERSION`). Notation: taps ``h`` of width d, C classes,
 ``mu_c`` class means, ``mu_G`` the mean of the class means, ``M = [mu_c - mu_G]`` (d x C).
 
@@ -95,7 +95,7 @@ def resolved_range(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     batch dimensions), and which of them float64 resolves.
 
     A singular value is kept when it exceeds ``max(d, C) * eps_float64 * sigma_max``, numpy's
-    ``matrix_rank`` rule (SCIENCE.md, definition version 2): every direction above rounding is kept,
+    ``matrix_rank`` rule (docs/science.md, definition version 2): every direction above rounding is kept,
     however small, so no between-class direction is dropped to make nc1 look collapsed.
     """
     d, c = M.shape[-2:]
@@ -109,7 +109,7 @@ class TapAccumulator:
 
     Pass 1 (:meth:`add_pass1`) accumulates class counts and sums; :meth:`end_pass1` fixes the class means.
     Pass 2 (:meth:`add_pass2`) accumulates, around those means, within-class squared norms per class,
-    the projected scatter ``sum_i ||M^+ (h_i - mu_{y_i})||^2`` (nc1, SCIENCE.md "Computing them at
+    the projected scatter ``sum_i ||M^+ (h_i - mu_{y_i})||^2`` (nc1, docs/science.md "Computing them at
     scale"), the spectral statistics for the stable rank, and NCC decisions against ``ncc_means``
     (the **train** means, Rangamani et al. 2023, Def. 6; this split's own means when none are given).
 
@@ -335,7 +335,7 @@ class TapAccumulator:
         next_weight: torch.Tensor | None = None,
         next_weight_svd: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float] | list[dict[str, float] | None]:
-        """All metrics of SCIENCE.md's tables that the given inputs define: a dict, or with ``members`` a
+        """All metrics of docs/science.md's tables that the given inputs define: a dict, or with ``members`` a
         list with one dict per member (None for a degenerate one). ``classifier`` and ``next_weight``
         carry the member axis too; ``next_weight_svd``: the ``(S, Vh)`` of ``next_weight`` in float64
         when the caller already has it (one SVD per weight and epoch serves both splits)."""
@@ -644,7 +644,7 @@ def layer_metrics(
     means: torch.Tensor | None = None,
     probe: bool = False,
 ) -> dict[str, float]:
-    """Every neural-collapse metric of one layer's features (SCIENCE.md, "Metrics, per layer").
+    """Every neural-collapse metric of one layer's features (docs/science.md, "Metrics, per layer").
 
     Args:
         features: N samples of any shape; each is flattened to a vector.

@@ -152,7 +152,7 @@ def initial_etf_layers(cfg: TrialConfig, model: nn.Module) -> list[str]:
 
 
 def build_model(cfg: TrialConfig, info: DatasetInfo) -> nn.Module:
-    """Build the model with its initial ETF layers fixed (weights as buffers, SCIENCE.md)."""
+    """Build the model with its initial ETF layers fixed (weights as buffers, docs/science.md)."""
     model = REGISTRY[cfg.architecture](cfg, info)
     fix_layers(model, initial_etf_layers(cfg, model))
     return model
