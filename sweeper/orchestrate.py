@@ -214,6 +214,7 @@ def run_sweep(
         grid = tuner.fit()
     outcomes = collect_outcomes(grid)
     finish_sweep(loaded, sweep, outcomes, searcher)
+    report_to_parent(sweep)
     return SweepResult(
         sweep.sweep_dir,
         sweep.tracking_uri,
@@ -417,6 +418,29 @@ def finish_sweep(loaded: LoadedSpec, sweep: OpenSweep, outcomes: list[TrialOutco
         summary.update(best)
         tags.update(best_tags)
     finish_parent_run(sweep.client, sweep.parent_run_id, summary, tags)
+
+
+def report_to_parent(sweep: OpenSweep) -> None:
+    """``sweeper report``'s table and figures on the parent run, so the MLflow UI has them after ``run``
+    or ``resume`` alone (in ``<sweep dir>/report`` too for a local sweep). A failure here costs the
+    report, which ``sweeper report`` can redo, never the sweep."""
+    import sys
+    import tempfile
+
+    from sweeper.report import make_report
+
+    try:
+        if sweep.sweep_dir.is_local:
+            make_report(sweep.sweep_dir, "md", None)
+        else:  # nowhere local to keep it: MLflow has it
+            with tempfile.TemporaryDirectory(prefix="sweeper-report-") as tmp:
+                make_report(sweep.sweep_dir, "md", Path(tmp))
+    except Exception as err:
+        print(
+            f"warning: the report of {sweep.sweep_dir} was not logged to its parent run "
+            f"({type(err).__name__}: {err}); `sweeper report` makes it",
+            file=sys.stderr,
+        )
 
 
 def calibrate(

@@ -113,7 +113,10 @@ def sweep(tmp_path_factory):
         storage = f"s3://sweeps/team?{query}"
         first = _cli(tmp_path, uri, "run", "spec.yaml", "--storage", f"{storage}&allow_bucket_creation=true")
         assert first.returncode == 0, first.stdout + first.stderr
-        yield Sweep(tmp_path, uri, first, storage, endpoint)
+        client, parent, _ = _check_store(uri)
+        reported = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}  # `run` alone
+        assert not (tmp_path / "report").exists()  # a bucket's sweep keeps no report in the cwd
+        yield Sweep(tmp_path, uri, first, storage, endpoint, reported)
 
 
 @dataclass
@@ -123,6 +126,8 @@ class Sweep:
     first: subprocess.CompletedProcess
     storage: str
     endpoint: str
+    reported_after_run: set[str]
+    """The parent run's report/ artifacts right after `run`, before any `sweeper report`."""
 
     def cli(self, *args):
         return _cli(self.tmp_path, self.uri, *args)
@@ -156,6 +161,8 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
     assert "Traceback" not in sweep.first.stderr
     client, parent, children = _check_store(sweep.uri)
     assert parent.data.metrics["trials_finished"] == 4
+    # The parent has the report's table and figures from `run` alone.
+    assert {"report/results.md", "report/ncc_acc_by_epoch.png"} <= sweep.reported_after_run
     for child in children:
         # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
         listed = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
