@@ -123,6 +123,29 @@ def flatten(data: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in flatten_paths(data).items()}
 
 
+def used_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial config (as a dict) without what its trial does not read: the model sections of other
+    architectures, the Gaussian mixture's settings on another dataset, and unset (None) fields, so an
+    MLP trial's params hold no ``model.vit.*`` (MLflow's params table is for what varies and matters)."""
+    architecture = config.get("architecture", "")
+    section = "resnet" if architecture.startswith("resnet") else architecture
+    out = {k: v for k, v in config.items() if k not in ("model", "data")}
+    if isinstance(config.get("model"), dict):
+        out["model"] = {k: v for k, v in config["model"].items() if k == section}
+    if isinstance(config.get("data"), dict):
+        data = config["data"]
+        out["data"] = {
+            k: v for k, v in data.items() if k != "gaussian" or config.get("dataset") == "gaussian"
+        }
+    return _without_none(out)
+
+
+def _without_none(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    return {k: _without_none(v) for k, v in data.items() if v is not None}
+
+
 def _runs_tagged(client: MlflowClient, experiment_id: str, max_results: int = 1000, **tags: str):
     """Active runs carrying every one of ``tags``, the earliest first."""
     clause = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -230,15 +253,17 @@ class TrialTracker:
         all_tags = {
             "mlflow.parentRunId": parent_run_id,
             TAG_ROLE: "trial",
-            TAG_METRICS_VERSION: METRIC_DEFINITIONS_VERSION,
+            TAG_METRICS_VERSION: f"version {METRIC_DEFINITIONS_VERSION}",
             **key,
             **tags,
         }
         run = with_retry(_find_or_create_run, self.client, experiment_id, key, all_tags, run_name)
         self.run_id = run.info.run_id
         if not run.data.params:  # new, or made by an attempt whose answer an outage swallowed
-            params_batch = [Param(k, v) for k, v in flatten(params).items()]
+            params_batch = [Param(k, v) for k, v in flatten(used_fields(params)).items()]
             with_retry(self.client.log_batch, self.run_id, params=params_batch)
+            # Params show what the trial uses; the whole resolved config stays one click away.
+            with_retry(self.client.log_dict, self.run_id, params, "config.json")
         history = with_retry(self.client.get_metric_history, self.run_id, SENTINEL)
         self.last_epoch = int(max((m.step for m in history), default=0))
         if run.info.status != "RUNNING" and run.info.status != "FINISHED":

@@ -7,6 +7,7 @@ run does not hold yet, and does not train a trial whose child run already FINISH
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -103,8 +104,9 @@ def _tracker(point: TrialPoint, sweep: SweepContext, taps: list[str]) -> TrialTr
             **point.tags,
         },
     )
-    # Where the trial runs now (a retried trial may move to another node).
-    with_retry(tracker.client.set_tag, tracker.run_id, TAG_NODE, ray.get_runtime_context().get_node_id())
+    # Where the trial runs now (a retried trial may move): the host, and which of its Ray nodes.
+    node = f"{socket.gethostname()} (Ray node {ray.get_runtime_context().get_node_id()[:8]})"
+    with_retry(tracker.client.set_tag, tracker.run_id, TAG_NODE, node)
     return tracker
 
 

@@ -164,6 +164,16 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
     # The parent has the report's table and figures from `run` alone.
     assert {"report/results.md", "report/ncc_acc_by_epoch.png"} <= sweep.reported_after_run
     for child in children:
+        # Params: what an MLP trial on this dataset uses, no other architecture's sections, no unset
+        # fields; the whole resolved config is the artifact config.json. Tags a person reads are readable.
+        params = child.data.params
+        assert params["model.mlp.width"] in ("8", "12") and params["architecture"] == "mlp"
+        assert not [k for k in params if k.startswith(("model.convnet", "model.vit", "model.resnet"))]
+        assert "None" not in params.values()
+        config = json.loads(Path(client.download_artifacts(child.info.run_id, "config.json")).read_text())
+        assert config["model"]["vit"] and config["architecture"] == "mlp"
+        assert child.data.tags["sweeper.metric_definitions"] == "version 2"
+        assert "(Ray node " in child.data.tags["sweeper.node"]
         # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
         listed = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert listed == {"figures/ncc_acc_by_epoch.png", "figures/nc1_heatmap.png"}
