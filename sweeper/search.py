@@ -215,7 +215,7 @@ class CellSearcher(Searcher):
         trial = json.loads(json.dumps(cell["trial"]))
         for path, value in params.items():
             set_path(trial, path, value)
-        prefix = f"{cell['name']}," if cell["name"] != "trial" else ""
+        prefix = f"{cell['name']} " if cell["name"] != "trial" else ""
         return TrialPoint(
             trial=trial,
             key=trial_key(cell["key"], number),

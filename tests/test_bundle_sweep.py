@@ -38,7 +38,7 @@ def test_a_diverging_member_fails_alone_in_a_sweep(tmp_path, local_ray):
     result = run_sweep(
         load_spec(path), storage=tmp_path / "sweeps", address=None, tracking_uri=uri, progress=False
     )
-    outcomes = {o.name.split(",")[0]: o for o in result.outcomes}
+    outcomes = {o.name.split(" ")[0]: o for o in result.outcomes}
     assert outcomes["seed=0"].status == "FINISHED" and outcomes["seed=0"].metrics["epoch"] == 3
     assert outcomes["seed=1"].status == "FAILED" and "TrialDiverged" in outcomes["seed=1"].error
     client = MlflowClient(uri)

@@ -49,12 +49,26 @@ def test_quickstart_expands_to_six_trials():
     assert trials[0].config.train.epochs == 30
 
 
+def test_run_names_use_the_shortest_unambiguous_field_names():
+    from sweeper.spec import PlannedTrial, short_names
+
+    assert short_names(["model.mlp.width", "model.convnet.width", "train.optimizer.lr", "seed"]) == {
+        "model.mlp.width": "mlp.width",
+        "model.convnet.width": "convnet.width",
+        "train.optimizer.lr": "lr",
+        "seed": "seed",
+    }
+    trial = PlannedTrial("k", 0, {"etf": {"depth": 2}, "seed": 1, "train.optimizer.lr": 0.01}, None)
+    assert trial.run_name == "etf=depth:2 seed=1 lr=0.01"
+    assert PlannedTrial("k", 0, {}, None).run_name == "trial"
+
+
 def test_grid_values_override_base_and_keys_are_stable(tmp_path):
     path = write(tmp_path, MINIMAL)
     trials = expand(load_spec(path))
     assert [(t.config.seed, t.config.model.mlp.width) for t in trials] == [(0, 8), (0, 16), (1, 8), (1, 16)]
     assert [t.key for t in trials] == [t.key for t in expand(load_spec(path))]
-    assert trials[1].run_name == "seed=0,model.mlp.width=16"
+    assert trials[1].run_name == "seed=0 width=16"  # short at table width; params keep the full paths
     assert trials[1].cell == "model.mlp.width=16"
 
 
@@ -277,7 +291,7 @@ def test_plan_json_counts_parameters(capsys):
     assert rows[0] == {
         "trial": 0,
         "key": rows[0]["key"],
-        "run_name": "model.mlp.width=32,seed=0",
+        "run_name": "width=32 seed=0",
         "model.mlp.width": 32,
         "seed": 0,
         "trainable_params": expected,

@@ -86,7 +86,7 @@ def _check_store(uri):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4
     assert Counter(r.info.run_name for r in children) == Counter(
-        f"seed={s},model.mlp.width={w}" for s in (0, 1) for w in (8, 12)
+        f"seed={s} width={w}" for s in (0, 1) for w in (8, 12)
     )
     for child in children:
         assert child.info.status == "FINISHED"
