@@ -259,8 +259,29 @@ def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri:
         spec_hash=loaded.hash,
         spec_text=sweep_dir.read_text("spec.yaml"),
         sweep_dir=str(sweep_dir),
+        description=describe(loaded),
     )
     return OpenSweep(storage, sweep_dir, meta, client, experiment_id, parent_run_id)
+
+
+def describe(loaded: LoadedSpec) -> str:
+    """The parent run's Description: what the sweep trains, its grid and what it reproduces."""
+    spec = loaded.spec
+    trials = total_trials(loaded, expand(loaded))
+    grid = ", ".join(f"`{k}` ({len(v)})" for k, v in spec.grid.items()) or "none"
+    lines = [
+        f"Sweep **{spec.name}**: {trials} trials of `{spec.architecture}` on `{spec.dataset}`, "
+        f"{spec.train.epochs} epochs each; objective {spec.objective.mode} `{spec.objective.metric}`.",
+        f"Grid: {grid}."
+        + (
+            f" Searched in every cell: {', '.join(f'`{p}`' for p in spec.search.space)}."
+            if spec.search
+            else ""
+        ),
+    ]
+    if spec.reference:
+        lines.append("Reproduces: " + "; ".join(sorted({r.source for r in spec.reference})) + ".")
+    return "\n\n".join(lines)
 
 
 @contextlib.contextmanager

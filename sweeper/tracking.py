@@ -188,8 +188,10 @@ def ensure_parent_run(
     spec_hash: str,
     spec_text: str,
     sweep_dir: str,
+    description: str = "",
 ) -> tuple[str, str]:
-    """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``."""
+    """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``.
+    ``description``: Markdown for the run's Description field (MLflow's ``mlflow.note.content``)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         experiment_id = client.create_experiment(
@@ -204,13 +206,23 @@ def ensure_parent_run(
                 client.set_experiment_tag(experiment_id, key, value)
     run = _find_run(client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
     if run is None:
-        tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "parent", TAG_SPEC_HASH: spec_hash, TAG_SWEEP_DIR: sweep_dir}
+        tags = {
+            TAG_SWEEP: sweep_id,
+            TAG_ROLE: "parent",
+            TAG_SPEC_HASH: spec_hash,
+            TAG_SWEEP_DIR: sweep_dir,
+            # MLflow's Source column: what ran, and at which commit of this code.
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "python -m sweeper",
+        }
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         run = client.create_run(experiment_id, tags=tags, run_name=sweep_name)
         client.log_text(run.info.run_id, spec_text, "spec.yaml")
     elif run.info.status != "RUNNING":
         client.update_run(run.info.run_id, status="RUNNING")
+    if description and run.data.tags.get("mlflow.note.content") != description:
+        client.set_tag(run.info.run_id, "mlflow.note.content", description)
     return experiment_id, run.info.run_id
 
 

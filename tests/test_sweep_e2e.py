@@ -161,6 +161,13 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
     assert "Traceback" not in sweep.first.stderr
     client, parent, children = _check_store(sweep.uri)
     assert parent.data.metrics["trials_finished"] == 4
+    # The parent run's Description and Source say what ran.
+    note = parent.data.tags["mlflow.note.content"]
+    assert (
+        note.startswith("Sweep **e2e**: 4 trials of `mlp` on `gaussian`") and "`model.mlp.width` (2)" in note
+    )
+    assert "Reproduces:" in note
+    assert parent.data.tags["mlflow.source.name"] == "python -m sweeper"
     # The parent has the report's table and figures from `run` alone.
     assert {"report/results.md", "report/ncc_acc_by_epoch.png"} <= sweep.reported_after_run
     for child in children:
