@@ -12,6 +12,7 @@ bundle waits for all of them before it reports the epoch to Tune, so the same ho
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from trainables.config import METRIC_DEFINITIONS_VERSION, flatten_paths
 
@@ -290,6 +292,22 @@ class TrialTracker:
 
     def latest_metrics(self) -> dict[str, float]:
         return dict(with_retry(self.client.get_run, self.run_id).data.metrics)
+
+    def log_dataset(self, info: dict[str, Any]) -> None:
+        """The trial's data as an MLflow dataset input (trainables.data.describe_splits), so the runs
+        table's Datasets column and filter work; once per run (a resumed trial finds it logged)."""
+        if with_retry(self.client.get_run, self.run_id).inputs.dataset_inputs:
+            return
+        profile = {k: info[k] for k in ("train", "test", "classes", "input_shape")}
+        dataset = Dataset(
+            name=info["name"],
+            digest=info["digest"],
+            source_type="local" if info["source"].startswith("/") else "code",
+            source=json.dumps({"source": info["source"]}),
+            profile=json.dumps(profile),
+        )
+        inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+        with_retry(self.client.log_inputs, self.run_id, datasets=inputs)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float], wait: bool = True) -> bool:
         """Log one epoch unless it is already logged; return whether it was logged.

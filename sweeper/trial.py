@@ -22,7 +22,8 @@ from sweeper.points import BundlePoint, SweepContext, TrialPoint, point_from_dic
 from sweeper.tracking import TAG_CELL, TAG_NODE, TAG_ORDER, TAG_SPEC_HASH, TAG_TAPS, TrialTracker, with_retry
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.config import TrialConfig
-from trainables.loop import train
+from trainables.data import describe_splits
+from trainables.loop import Trainer
 
 STATE_NAME = Path(STATE_FILE).stem  # a lone trial's state in its checkpoint
 
@@ -139,7 +140,11 @@ def run_trial(params: dict[str, Any]) -> None:
         _mark_restored(tracker, state)
     reporter = TuneReporter(tracker, checkpoints)
     try:
-        summary = train(cfg, reporter, state)
+        trainer = Trainer(cfg)
+        if state is not None:
+            trainer.load_state_dict(state)
+        tracker.log_dataset(describe_splits(cfg, trainer.data))
+        summary = trainer.run(reporter)
     except Exception as err:
         tracker.fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
         raise
@@ -235,6 +240,9 @@ def run_bundle(point: BundlePoint, sweep: SweepContext) -> None:
             _mark_restored(trackers[i], states[i])
     try:
         bundle = Bundle([cfgs[i] for i in active], [states.get(i) for i in active])
+        dataset = describe_splits(cfgs[0], bundle.data)  # members share the data
+        for i in active:
+            trackers[i].log_dataset(dataset)
 
         def epoch_done(epoch: int) -> None:
             reporter.mark_failures({active[j]: err for j, err in bundle.failed.items()})

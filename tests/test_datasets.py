@@ -67,3 +67,21 @@ def test_data_root_falls_back_to_environment(tmp_path, monkeypatch):
     cfg = TrialConfig.model_validate({"dataset": "svhn", "data": {"download": False}})
     with pytest.raises(DatasetUnavailable, match=f"not found under {tmp_path / 'env-root'}"):
         load_splits(cfg)
+
+
+def test_describe_splits_names_the_source_and_digests_the_content():
+    from trainables.data import describe_splits, load_splits
+
+    cfg = TrialConfig.model_validate({"dataset": "digits"})
+    splits = load_splits(cfg)
+    info = describe_splits(cfg, splits)
+    assert info["name"] == "digits" and info["source"] == "scikit-learn's load_digits"
+    assert (info["train"], info["test"], info["classes"], info["input_shape"]) == (
+        len(splits.y_train),
+        len(splits.y_test),
+        10,
+        [1, 8, 8],
+    )
+    assert describe_splits(cfg, load_splits(cfg))["digest"] == info["digest"]  # stable
+    splits.x_train[0, 0, 0, 0] += 1.0
+    assert describe_splits(cfg, splits)["digest"] != info["digest"]  # and it is the content's

@@ -170,6 +170,7 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
     assert parent.data.tags["mlflow.source.name"] == "python -m sweeper"
     # The parent has the report's table and figures from `run` alone.
     assert {"report/results.md", "report/ncc_acc_by_epoch.png"} <= sweep.reported_after_run
+    digests = set()
     for child in children:
         # Params: what an MLP trial on this dataset uses, no other architecture's sections, no unset
         # fields; the whole resolved config is the artifact config.json. Tags a person reads are readable.
@@ -181,9 +182,21 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
         assert config["model"]["vit"] and config["architecture"] == "mlp"
         assert child.data.tags["sweeper.metric_definitions"] == "version 2"
         assert "(Ray node " in child.data.tags["sweeper.node"]
+        # The data it trained on, as MLflow's dataset input: one per run, the same for every trial here.
+        (entry,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert entry.dataset.name == "gaussian" and len(entry.dataset.digest) == 16
+        assert json.loads(entry.dataset.profile) == {
+            "train": 90,
+            "test": 30,
+            "classes": 3,
+            "input_shape": [6],
+        }
+        assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
+        digests.add(entry.dataset.digest)
         # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
         listed = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert listed == {"figures/ncc_acc_by_epoch.png", "figures/nc1_heatmap.png"}
+    assert len(digests) == 1
 
 
 def test_sweep_directory_lives_in_the_bucket_with_one_bundle_per_width(sweep):

@@ -12,11 +12,13 @@ arrays torchvision keeps (``.data``), never through per-sample transforms.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,6 +184,33 @@ REGISTRY: dict[str, tuple[Callable[[DataConfig], DatasetInfo], Callable[[DataCon
         for name, (_, shape, classes, _) in TORCHVISION.items()
     },
 }
+
+
+def describe_splits(cfg: TrialConfig, splits: Splits) -> dict[str, Any]:
+    """What a trial trained on, for its tracking run: the dataset, where it was read from, split sizes and
+    a content digest of the tensors it used (after normalisation and any train subset), so two runs on
+    the same data show the same digest."""
+    digest = hashlib.sha256()
+    for t in (splits.x_train, splits.y_train, splits.x_test, splits.y_test):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    if cfg.dataset in TORCHVISION:
+        source = str(data_root(cfg.data))
+    elif cfg.dataset == "gaussian":
+        g = cfg.data.gaussian
+        source = (
+            f"generated: {g.classes}-class Gaussian mixture in {g.dim} dimensions, seed {cfg.data.split_seed}"
+        )
+    else:
+        source = {"digits": "scikit-learn's load_digits", "mnist1d": "the mnist1d package"}[cfg.dataset]
+    return {
+        "name": cfg.dataset,
+        "digest": digest.hexdigest()[:16],
+        "source": source,
+        "train": len(splits.y_train),
+        "test": len(splits.y_test),
+        "classes": splits.num_classes,
+        "input_shape": list(splits.x_train.shape[1:]),
+    }
 
 
 def dataset_info(cfg: TrialConfig) -> DatasetInfo:
