@@ -355,7 +355,11 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
         # The searcher hands out whole configs and ends the experiment (num_samples=-1).
         param_space = {}
         search_config = {"search_alg": searcher, "num_samples": -1, **_pruning(loaded)}
-    callbacks = [ProgressPrinter(total_trials(loaded, trials), spec.objective.metric)] if progress else []
+    total = total_trials(loaded, trials)
+    objective = spec.objective
+    callbacks = (
+        [ProgressPrinter(total, objective.metric, objective.mode, spec.train.epochs)] if progress else []
+    )
     return tune.Tuner(
         trainable,
         param_space=param_space,

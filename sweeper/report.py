@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,15 @@ from sweeper.spec import (
     load_spec_text,
     reference_matches,
 )
-from sweeper.tracking import TAG_BEST_PREFIX, TAG_CELL, TAG_ORDER, TAG_ROLE, TAG_SWEEP, TAG_TAPS
+from sweeper.tracking import (
+    SUMMARY_ARTIFACT,
+    TAG_BEST_PREFIX,
+    TAG_CELL,
+    TAG_ORDER,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TAG_TAPS,
+)
 
 COLUMNS = list(REPORT_COLUMNS.items())
 SPREAD_STDS = 2.0
@@ -69,19 +78,41 @@ def history_of(client: MlflowClient, run_id: str, keys: list[str]) -> figures.Hi
     return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
 
 
-def _trial_values(history: figures.History, metrics: dict[str, float]) -> dict[str, float | None]:
+def summary_of(client: MlflowClient, run) -> dict[str, dict[str, float]]:
+    """A finished trial's summary, ``{"best": {...}, "final": {...}}``: its ``summary.json`` table, or for a
+    run finished before that table existed, its ``best/*`` and ``final/*`` metrics."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="sweeper-summary-") as tmp:
+            path = client.download_artifacts(run.info.run_id, SUMMARY_ARTIFACT, tmp)
+            table = json.loads(Path(path).read_text())
+        rows = table["data"]
+        return {
+            "best": {r[0]: r[1] for r in rows if r[1] is not None},
+            "final": {r[0]: r[2] for r in rows if r[2] is not None},
+        }
+    except Exception:  # no such artifact: the older layout
+        metrics = run.data.metrics
+        return {
+            part: {k[len(part) + 1 :]: v for k, v in metrics.items() if k.startswith(f"{part}/")}
+            for part in ("best", "final")
+        }
+
+
+def _trial_values(
+    history: figures.History, metrics: dict[str, float], summary: dict[str, dict[str, float]]
+) -> dict[str, float | None]:
     test = dict(history.get("test_acc", []))
     train = dict(history.get("train_acc", []))
     it = int(metrics.get("interpolation_epoch", 0) or 0)
     best_epoch = max(test, key=lambda e: (test[e], -e)) if test else None
     return {
-        "trainable_params": metrics.get("final/trainable_params"),
+        "trainable_params": summary["final"].get("trainable_params"),
         "best_train_acc": max(train.values()) if train else None,
         "best_test_acc": max(test.values()) if test else None,
         "test_acc_at_interpolation": test.get(it) if it else None,
         "test_acc_at_end": test[max(test)] if test else None,
         "test_acc_at_best_epoch": test[best_epoch] if best_epoch is not None else None,
-        "effective_depth": metrics.get("final/effective_depth"),
+        "effective_depth": summary["final"].get("effective_depth"),
     }
 
 
@@ -117,7 +148,7 @@ def collect(client: MlflowClient, sweep_id: str) -> tuple[Any, list[TrialRecord]
                 run.data.tags.get(TAG_CELL, "all"),
                 taps,
                 history,
-                _trial_values(history, run.data.metrics),
+                _trial_values(history, run.data.metrics, summary_of(client, run)),
             )
         )
     return parent, records

@@ -240,6 +240,34 @@ def finish_parent_run(
     client.set_terminated(run_id, "FINISHED")
 
 
+SUMMARY_ARTIFACT = "summary.json"
+"""Per trial: ``{"columns": ["metric", "best", "final"], "data": [[key, value at the best-test epoch,
+value at the last epoch], ...]}`` (MLflow's table layout), read by ``sweeper report``."""
+
+
+def summary_table(summary: dict[str, float]) -> dict[str, Any]:
+    """``Trainer.summary``'s ``best/*`` and ``final/*`` values side by side, one row per metric."""
+    keys = sorted({k.split("/", 1)[1] for k in summary if k.startswith(("best/", "final/"))})
+    rows = [[k, summary.get(f"best/{k}"), summary.get(f"final/{k}")] for k in keys]
+    return {"columns": ["metric", "best", "final"], "data": rows}
+
+
+def headline(summary: dict[str, float], test_history) -> dict[str, float]:
+    """The numbers a trial is compared by (004 §5.3: test accuracy at the interpolation threshold, at the
+    end and at the best epoch), with the best and interpolation epochs; a run's other values are its
+    curves' last points and the summary table."""
+    out = {
+        "best_epoch": summary["best_epoch"],
+        "interpolation_epoch": summary["interpolation_epoch"],
+        "test_acc_at_best_epoch": summary["best/test_acc"],
+        "test_acc_at_end": summary["final/test_acc"],
+    }
+    at = {int(m.step): m.value for m in test_history}
+    if summary["interpolation_epoch"] and int(summary["interpolation_epoch"]) in at:
+        out["test_acc_at_interpolation"] = at[int(summary["interpolation_epoch"])]
+    return out
+
+
 def record_calibration(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
     """The choice for the spec's ``auto`` settings (sweeper.calibration) on the parent run: a one-line tag
     and the whole record with its timings as ``calibration.json`` (idempotent: a resume writes the same)."""
@@ -342,12 +370,18 @@ class TrialTracker:
             with_retry(self.client.log_batch, self.run_id, metrics=batch, synchronous=True)
 
     def finish(self, summary: dict[str, float]) -> None:
+        """End the run FINISHED with its headline numbers as metrics (:func:`headline`) and the whole
+        summary (``Trainer.summary``: every metric at the best-test and the last epoch) as the table
+        artifact ``summary.json``: MLflow already shows each curve's last value, and a bar chart per
+        summary key would bury the curves."""
         self.flush()
+        history = with_retry(self.client.get_metric_history, self.run_id, "test_acc")
         now = int(time.time() * 1000)
+        with_retry(self.client.log_dict, self.run_id, summary_table(summary), SUMMARY_ARTIFACT)
         with_retry(
             self.client.log_batch,
             self.run_id,
-            metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+            metrics=[Metric(k, float(v), now, 0) for k, v in headline(summary, history).items()],
         )
         with_retry(self.client.set_terminated, self.run_id, RunStatus.to_string(RunStatus.FINISHED))
         self.status = "FINISHED"

@@ -193,6 +193,22 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
         }
         assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "training")]
         digests.add(entry.dataset.digest)
+        # Metrics: the per-epoch curves and the headline numbers; every metric at the best-test and the last
+        # epoch is one table artifact, equal to the curves.
+        headline = {"best_epoch", "interpolation_epoch", "test_acc_at_best_epoch", "test_acc_at_end"}
+        keys = set(child.data.metrics)
+        assert not [k for k in keys if k.startswith(("best/", "final/"))]
+        per_epoch = {k for k in keys if client.get_metric_history(child.info.run_id, k)[-1].step > 0}
+        assert keys - per_epoch <= headline | {"test_acc_at_interpolation"} and headline <= keys
+        table = json.loads(Path(client.download_artifacts(child.info.run_id, "summary.json")).read_text())
+        assert table["columns"] == ["metric", "best", "final"]
+        best_epoch = int(child.data.metrics["best_epoch"])
+        rows = {r[0]: r[1:] for r in table["data"]}
+        assert set(rows) <= per_epoch and len(rows) > 50  # every row is one of the curves
+        for key in ("test_acc", "nc1/train/fc2", "ncc_acc/test/fc1", "trainable_params"):
+            history = {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
+            assert rows[key] == [history[best_epoch], history[max(history)]], key
+        assert child.data.metrics["test_acc_at_end"] == rows["test_acc"][1]
         # Each trial logs its own figures, so the MLflow UI shows them without `sweeper report`.
         listed = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert listed == {"figures/ncc_acc_by_epoch.png", "figures/nc1_heatmap.png"}
@@ -247,7 +263,8 @@ def test_report_table_equals_mlflow_and_figures_are_images(sweep):
         ]
         assert row["test_acc_at_end"] == pytest.approx(sum(t[-1] for t in test) / 2)
         assert row["best_test_acc"] == pytest.approx(sum(max(t) for t in test) / 2)
-        assert row["trainable_params"] == members[0].data.metrics["final/trainable_params"]
+        # From the trials' summary tables (summary.json), which hold the last epoch's counts.
+        assert row["trainable_params"] == members[0].data.metrics["trainable_params"]
     # The spec's published number beside ours: mean and sample std over the variant's two seeds.
     [ref] = json.loads((out / "reference.json").read_text())
     narrow = next(r for r in rows if r["variant"] == "model.mlp.width=8")
