@@ -576,6 +576,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep):
         {
             "key": t.key,
             "name": t.run_name,
+            "cell": t.label,
             "trial": t.config.model_dump(mode="json"),
             "data_root": str(data_root(t.config.data)),
             "group": _group(t.config),

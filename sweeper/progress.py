@@ -10,6 +10,7 @@ is not a terminal (CI logs, ``nohup``) the same line is printed plainly every
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,11 +47,15 @@ class ProgressPrinter(Callback):
         if self.terminal:
             from tqdm import tqdm
 
+            # A pseudo-terminal may report a 0 x 0 size, where tqdm hides every bar (row 0 >= 0 rows):
+            # the usual size stands in (shutil falls back to it for zeros).
+            size = shutil.get_terminal_size((160, 24))
             self.bar = tqdm(
                 total=total * epochs,
                 unit="epoch",
                 file=self.stream,
-                dynamic_ncols=True,
+                ncols=size.columns,
+                nrows=size.lines,
                 leave=True,
                 smoothing=0.1,
             )

@@ -78,7 +78,7 @@ def study_name(sweep_id: str, cell_key: str) -> str:
 class CellSearcher(Searcher):
     """Suggests trial configs for every grid cell from that cell's own Optuna study.
 
-    ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``trial`` (its trial
+    ``cells``: one dict per grid point: ``key``, ``name`` (its varying values), ``cell`` (its tag), ``trial`` (its trial
     config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``:
     dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune trial
     (sweeper.points.BundlePoint); the objective is then told per member, from the bundle's
@@ -220,7 +220,7 @@ class CellSearcher(Searcher):
             trial=trial,
             key=trial_key(cell["key"], number),
             name=f"{prefix}trial={number}",
-            cell=cell["name"],
+            cell=cell.get("cell", cell["name"]),  # searchers pickled before cells had a label
             order=f"{index:06d}-{number:06d}",
             data_root=cell["data_root"],
             tags={TAG_STUDY: study_name(self.sweep["sweep_id"], cell["key"]), TAG_STUDY_TRIAL: str(number)},

@@ -314,6 +314,12 @@ class PlannedTrial:
         return " ".join(f"{names[k]}={_compact(v)}" for k, v in self.varying.items()) or "trial"
 
     @property
+    def label(self) -> str:
+        """Every varying value by its full path (``model.mlp.width=32,seed=0``): a searched cell's
+        ``sweeper.cell`` tag, in the format sweeps have always tagged with (so resumed ones still group)."""
+        return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items()) or "trial"
+
+    @property
     def cell(self) -> str:
         """The grid cell: the varying values except the seed (seeds are repeats of one variant)."""
         return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items() if k != "seed") or "all"
