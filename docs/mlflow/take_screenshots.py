@@ -9,6 +9,7 @@ Run (a Playwright install with a system Chromium; the sweep and the UI first):
 """
 
 import sys
+
 from playwright.sync_api import sync_playwright
 
 exp, run = open("/tmp/shots/ids").read().split()
