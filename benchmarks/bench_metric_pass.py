@@ -12,42 +12,29 @@ asserted; the numbers belong in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_metric_versions import module_at  # the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def engine_at(commit: str):
     """``measure_stack``'s module of ``commit`` with that commit's metrics module under it."""
-    tmp = Path(tempfile.mkdtemp())
-    modules = {}
-    for name in ("metrics", "measure"):
-        source = subprocess.run(
-            ["git", "show", f"{commit}:trainables/{name}.py"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        path = tmp / f"{name}_{commit[:8]}.py"
-        path.write_text(source.replace("from trainables.metrics import", f"from metrics_{commit[:8]} import"))
-        sys.path.insert(0, str(tmp))
-        spec = importlib.util.spec_from_file_location(f"{name}_{commit[:8]}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        modules[name] = module
-    return modules["measure"]
+    tag = commit[:8]
+    module_at(commit, "trainables/metrics.py", f"metrics_{tag}")
+    return module_at(
+        commit,
+        "trainables/measure.py",
+        f"measure_{tag}",
+        edit=lambda source: source.replace("from trainables.metrics import", f"from metrics_{tag} import"),
+    )
 
 
 def main() -> None:

@@ -40,21 +40,25 @@ V1_COMMIT = "3d48731"
 """The last commit whose ``trainables/metrics.py`` computed metric-definition version 1."""
 
 
-def load_v1_engine():
-    """Version 1's ``trainables/metrics.py`` as a module, adapted to today's ``measure_stack`` calls."""
+def module_at(commit: str, path: str, name: str, edit=lambda source: source):
+    """The file ``path`` of git commit ``commit`` imported as module ``name`` (``edit`` may rewrite its
+    source first, e.g. its imports), registered in ``sys.modules``."""
     root = Path(__file__).resolve().parents[1]
     source = subprocess.run(
-        ["git", "show", f"{V1_COMMIT}:trainables/metrics.py"],
-        cwd=root,
-        check=True,
-        capture_output=True,
-        text=True,
+        ["git", "show", f"{commit}:{path}"], cwd=root, check=True, capture_output=True, text=True
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "metrics_v1.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("metrics_v1", path)
+    folder = Path(tempfile.mkdtemp())
+    (folder / f"{name}.py").write_text(edit(source))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
+    return module
+
+
+def load_v1_engine():
+    """Version 1's ``trainables/metrics.py`` as a module, adapted to today's ``measure_stack`` calls."""
+    module = module_at(V1_COMMIT, "trainables/metrics.py", "metrics_v1")
 
     class V1Accumulator(module.TapAccumulator):
         def __init__(self, *args, probe=None, **kwargs):
