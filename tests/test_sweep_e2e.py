@@ -301,6 +301,9 @@ def test_running_again_resumes_without_training_or_logging_twice(sweep):
     assert "4 finished, 0 failed" in second.stdout
     _, parent2, children2 = _check_store(sweep.uri)
     assert parent2.info.run_id == parent.info.run_id
+    # The resume made the report again (a failure would warn) and kept the description.
+    assert "was not logged to its parent run" not in second.stderr
+    assert parent2.data.tags["mlflow.note.content"] == parent.data.tags["mlflow.note.content"]
     assert {c.info.run_id for c in children2} == {c.info.run_id for c in children}
     missing = sweep.cli("status", f"s3://sweeps/team/nothing?endpoint_override={sweep.endpoint}&scheme=http")
     assert missing.returncode == 2 and "no sweep" in missing.stderr and "Traceback" not in missing.stderr
