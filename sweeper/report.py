@@ -38,6 +38,7 @@ from sweeper.tracking import (
     TAG_ROLE,
     TAG_SWEEP,
     TAG_TAPS,
+    history_of,
 )
 
 COLUMNS = list(REPORT_COLUMNS.items())
@@ -72,10 +73,6 @@ def resolve_sweep_dir(sweep: str, storage: str | Path) -> Location:
     raise FileNotFoundError(
         f"no sweep '{sweep}': {' nor '.join(str(c) for c in candidates)} holds a sweep.json"
     )
-
-
-def history_of(client: MlflowClient, run_id: str, keys: list[str]) -> figures.History:
-    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
 
 
 def summary_of(client: MlflowClient, run) -> dict[str, dict[str, float]]:

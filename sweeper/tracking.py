@@ -125,6 +125,11 @@ def flatten(data: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in flatten_paths(data).items()}
 
 
+def history_of(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each key's ``(step, value)`` history in one run (what figures and the report draw from)."""
+    return {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys}
+
+
 def used_fields(config: dict[str, Any]) -> dict[str, Any]:
     """A trial config (as a dict) without what its trial does not read: the model sections of other
     architectures, the Gaussian mixture's settings on another dataset, and unset (None) fields, so an

@@ -19,7 +19,16 @@ from ray import tune
 
 from sweeper.checkpoints import TrialCheckpoint
 from sweeper.points import BundlePoint, SweepContext, TrialPoint, point_from_dict
-from sweeper.tracking import TAG_CELL, TAG_NODE, TAG_ORDER, TAG_SPEC_HASH, TAG_TAPS, TrialTracker, with_retry
+from sweeper.tracking import (
+    TAG_CELL,
+    TAG_NODE,
+    TAG_ORDER,
+    TAG_SPEC_HASH,
+    TAG_TAPS,
+    TrialTracker,
+    history_of,
+    with_retry,
+)
 from trainables.checkpoint import STATE_FILE, load_state, save_state
 from trainables.config import TrialConfig
 from trainables.data import describe_splits
@@ -282,7 +291,6 @@ def log_trial_figures(tracker: TrialTracker, taps: list[str], name: str) -> None
     """The trial's own figures, so the MLflow UI shows them without ``sweeper report``: NCC accuracy per
     layer over epochs (000 Fig. 1) and the layer x epoch NC1 heatmap."""
     from sweeper import figures
-    from sweeper.report import history_of
 
     keys = [f"{m}/train/{t}" for m in ("ncc_acc", "nc1") for t in taps]
     history = with_retry(history_of, tracker.client, tracker.run_id, keys)
