@@ -46,7 +46,9 @@ def test_progress_redraws_in_a_terminal(tmp_path):
     proc = subprocess.run(
         ["script", "-qfec", command, "/dev/null"],
         cwd=tmp_path,
-        env=_env(tmp_path),
+        # A terminal 200 columns wide (tqdm cuts the line at the terminal's width; under pytest the
+        # width it inherits varies).
+        env=_env(tmp_path, COLUMNS="200", LINES="50"),
         capture_output=True,
         text=True,
         timeout=600,
