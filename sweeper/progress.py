@@ -63,13 +63,18 @@ class ProgressPrinter(Callback):
     # ---- what Tune tells -----------------------------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         for key, name, own in self._members(trial, result):
-            entry = self.trials.setdefault(key, _Trial(name))
-            if "epoch" in own:
-                entry.epoch = int(own["epoch"])
-            if isinstance(own.get(self.metric), (int, float)):
-                entry.value = float(own[self.metric])
-            if "error" in own:
-                entry.state = "FAILED"
+            self._update(key, name, own)
+
+    def _update(self, key: str, name: str, own: dict) -> _Trial:
+        """One planned trial's entry, with what its latest result says."""
+        entry = self.trials.setdefault(key, _Trial(name))
+        if "epoch" in own:
+            entry.epoch = int(own["epoch"])
+        if isinstance(own.get(self.metric), (int, float)):
+            entry.value = float(own[self.metric])
+        if "error" in own:
+            entry.state = "FAILED"
+        return entry
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial, "finished")
@@ -131,11 +136,8 @@ class ProgressPrinter(Callback):
 
     def _end(self, trial, status: str) -> None:
         for key, name, own in self._members(trial, trial.last_result or {}):
-            entry = self.trials.setdefault(key, _Trial(name))
-            entry.epoch = int(own.get("epoch", entry.epoch))
-            if isinstance(own.get(self.metric), (int, float)):
-                entry.value = float(own[self.metric])
-            entry.state = "FAILED" if status == "FAILED" or "error" in own else "FINISHED"
+            entry = self._update(key, name, own)
+            entry.state = "FAILED" if status == "FAILED" or entry.state == "FAILED" else "FINISHED"
             value = f" {self.metric}={entry.value:.4f}" if entry.value is not None else ""
             done = sum(t.state != "RUNNING" for t in self.trials.values())
             line = (

@@ -78,21 +78,20 @@ def resolve_sweep_dir(sweep: str, storage: str | Path) -> Location:
 def summary_of(client: MlflowClient, run) -> dict[str, dict[str, float]]:
     """A finished trial's summary, ``{"best": {...}, "final": {...}}``: its ``summary.json`` table, or for a
     run finished before that table existed, its ``best/*`` and ``final/*`` metrics."""
-    try:
-        with tempfile.TemporaryDirectory(prefix="sweeper-summary-") as tmp:
-            path = client.download_artifacts(run.info.run_id, SUMMARY_ARTIFACT, tmp)
-            table = json.loads(Path(path).read_text())
-        rows = table["data"]
-        return {
-            "best": {r[0]: r[1] for r in rows if r[1] is not None},
-            "final": {r[0]: r[2] for r in rows if r[2] is not None},
-        }
-    except Exception:  # no such artifact: the older layout
+    if SUMMARY_ARTIFACT not in {a.path for a in client.list_artifacts(run.info.run_id)}:  # the older layout
         metrics = run.data.metrics
         return {
             part: {k[len(part) + 1 :]: v for k, v in metrics.items() if k.startswith(f"{part}/")}
             for part in ("best", "final")
         }
+    with tempfile.TemporaryDirectory(prefix="sweeper-summary-") as tmp:
+        rows = json.loads(
+            Path(client.download_artifacts(run.info.run_id, SUMMARY_ARTIFACT, tmp)).read_text()
+        )["data"]
+    return {
+        "best": {r[0]: r[1] for r in rows if r[1] is not None},
+        "final": {r[0]: r[2] for r in rows if r[2] is not None},
+    }
 
 
 def _trial_values(

@@ -326,11 +326,13 @@ class TrialTracker:
     def latest_metrics(self) -> dict[str, float]:
         return dict(with_retry(self.client.get_run, self.run_id).data.metrics)
 
-    def log_dataset(self, info: dict[str, Any]) -> None:
-        """The trial's data as an MLflow dataset input (trainables.data.describe_splits), so the runs
-        table's Datasets column and filter work; once per run (a resumed trial finds it logged)."""
+    def log_dataset(self, describe) -> None:
+        """The trial's data as an MLflow dataset input, so the runs table's Datasets column and filter
+        work; once per run. ``describe()`` gives trainables.data.describe_splits, called only when the run
+        has none yet (it hashes the whole data: a resumed trial skips that)."""
         if with_retry(self.client.get_run, self.run_id).inputs.dataset_inputs:
             return
+        info = describe()
         profile = {k: info[k] for k in ("train", "test", "classes", "input_shape")}
         dataset = Dataset(
             name=info["name"],

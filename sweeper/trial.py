@@ -7,6 +7,7 @@ run does not hold yet, and does not train a trial whose child run already FINISH
 
 from __future__ import annotations
 
+import functools
 import socket
 import tempfile
 import traceback
@@ -152,7 +153,7 @@ def run_trial(params: dict[str, Any]) -> None:
         trainer = Trainer(cfg)
         if state is not None:
             trainer.load_state_dict(state)
-        tracker.log_dataset(describe_splits(cfg, trainer.data))
+        tracker.log_dataset(lambda: describe_splits(cfg, trainer.data))
         summary = trainer.run(reporter)
     except Exception as err:
         tracker.fail(f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")
@@ -249,7 +250,7 @@ def run_bundle(point: BundlePoint, sweep: SweepContext) -> None:
             _mark_restored(trackers[i], states[i])
     try:
         bundle = Bundle([cfgs[i] for i in active], [states.get(i) for i in active])
-        dataset = describe_splits(cfgs[0], bundle.data)  # members share the data
+        dataset = functools.cache(lambda: describe_splits(cfgs[0], bundle.data))  # members share the data
         for i in active:
             trackers[i].log_dataset(dataset)
 
