@@ -32,7 +32,7 @@ def test_a_create_sent_twice_by_a_retry_leaves_one_run(tmp_path, monkeypatch):
     child run for four trials after a tracking-server restart): the trial keeps the earliest run only."""
     uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("tracking")
+    experiment_id = client.create_experiment("tracking", artifact_location=(tmp_path / "artifacts").as_uri())
     create = MlflowClient.create_run
 
     def committed_twice(self, *args, **kwargs):
@@ -71,7 +71,9 @@ def test_background_epochs_are_stored_once_even_when_the_background_attempt_fail
     monkeypatch.setattr(SqlAlchemyStore, "log_batch", store_log_batch)
     uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("background")
+    experiment_id = client.create_experiment(
+        "background", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     trackers = [_tracker(uri, experiment_id, f"t{i}") for i in range(3)]
     assert not any(t.remote for t in trackers)  # a local store: bundles log in sequence there
     for epoch in (1, 2):
