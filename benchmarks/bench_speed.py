@@ -362,7 +362,8 @@ def bench_mlflow(root: Path, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         client = MlflowClient(uri)
-        exp = client.create_experiment("bench")
+        # Artifacts (the tracker's config.json) in tmp, not ./mlruns of whatever folder this runs from.
+        exp = client.create_experiment("bench", artifact_location=Path(tmp, "artifacts").as_uri())
         parent = client.create_run(exp).info.run_id
         tracker = TrialTracker(
             tracking_uri=uri,

@@ -27,7 +27,8 @@ STRAY = ("mlruns", "mlflow.db", "mlartifacts", "sweeps", "report")
 @pytest.fixture(autouse=True)
 def checkout_left_as_found():
     """Fail the test that writes into the checkout, not CI after the whole suite: an MLflow experiment
-    created without an artifact location keeps its artifacts in ``./mlruns`` of the working directory."""
+    created without an artifact location keeps its artifacts in ``./mlruns`` of the working directory.
+    (Under xdist a test running beside the culprit on the other worker may be named too.)"""
     before = {name for name in STRAY if (ROOT / name).exists()}
     yield
     left = sorted(name for name in STRAY if (ROOT / name).exists() and name not in before)
