@@ -175,7 +175,7 @@ def prepare_data(dataset: str, root: Path | None, source: Path | None = None) ->
 
 
 def _print_results(result) -> None:
-    from sweeper.tracking import ui_command
+    from sweeper.tracking import sweep_view_url, ui_command
 
     cols = ["test_acc", "train_acc", "test_loss", "effective_depth", "epoch"]
     rows = [[o.name, o.status] + [_fmt(o.metrics.get(c)) for c in cols] for o in result.outcomes]
@@ -191,6 +191,7 @@ def _print_results(result) -> None:
         f"sweep directory {result.sweep_dir}"
     )
     print(f"MLflow: {ui_command(result.tracking_uri)}")
+    print(f"charts: {sweep_view_url(result.tracking_uri, result.experiment_id, result.sweep_id)}")
 
 
 def _fmt(value) -> str:
@@ -201,6 +202,9 @@ def _fmt(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The report reads each trial's summary.json: one MLflow download bar per trial would bury the
+    # results table and the live progress.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.verb == "data":
         return prepare_data(args.dataset, args.root, args.source)
     if args.verb == "report":

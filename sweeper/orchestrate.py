@@ -43,6 +43,7 @@ class TrialOutcome:
 @dataclass(frozen=True)
 class SweepResult:
     sweep_dir: Location
+    sweep_id: str
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
@@ -217,6 +218,7 @@ def run_sweep(
     report_to_parent(sweep)
     return SweepResult(
         sweep.sweep_dir,
+        sweep.meta["sweep_id"],
         sweep.tracking_uri,
         sweep.experiment_id,
         sweep.parent_run_id,
@@ -235,7 +237,7 @@ def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri:
     """The sweep directory (new, or checked to hold this spec) and its parent run (found or created)."""
     from mlflow.tracking import MlflowClient
 
-    from sweeper.tracking import ensure_parent_run
+    from sweeper.tracking import ensure_experiment, ensure_parent_run, ensure_sweep_view, sweep_view_path
 
     spec = loaded.spec
     if not isinstance(storage, Location):
@@ -251,21 +253,26 @@ def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri:
     # Before anything of this run starts: end a killed predecessor's leftovers, or refuse while it runs.
     local_ray.end_predecessor(sweep_dir)
     client = MlflowClient(meta["tracking_uri"])
-    experiment_id, parent_run_id = ensure_parent_run(
+    experiment_id = ensure_experiment(client, spec.experiment, str(sweep_dir))
+    ensure_sweep_view(client, experiment_id, meta["sweep_id"], spec.name)
+    parent_run_id = ensure_parent_run(
         client,
-        experiment=spec.experiment,
+        experiment_id=experiment_id,
         sweep_id=meta["sweep_id"],
         sweep_name=spec.name,
         spec_hash=loaded.hash,
         spec_text=sweep_dir.read_text("spec.yaml"),
         sweep_dir=str(sweep_dir),
-        description=describe(loaded),
+        description=describe(loaded, sweep_view_path(experiment_id, meta["sweep_id"])),
     )
     return OpenSweep(storage, sweep_dir, meta, client, experiment_id, parent_run_id)
 
 
-def describe(loaded: LoadedSpec) -> str:
-    """The parent run's Description: what the sweep trains, its grid and what it reproduces."""
+def describe(loaded: LoadedSpec, view_path: str = "") -> str:
+    """The parent run's Description: what the sweep trains, its grid, what it reproduces and a link (a UI
+    route, so that it works on whatever host serves the UI) to the sweep's saved chart view."""
+    from sweeper.tracking import sweep_view_name
+
     spec = loaded.spec
     trials = total_trials(loaded, expand(loaded))
     grid = ", ".join(f"`{k}` ({len(v)})" for k, v in spec.grid.items()) or "none"
@@ -281,6 +288,11 @@ def describe(loaded: LoadedSpec) -> str:
     ]
     if spec.reference:
         lines.append("Reproduces: " + "; ".join(sorted({r.source for r in spec.reference})) + ".")
+    if view_path:
+        lines.append(
+            f"[Charts of this sweep's trials, one line per variant](#{view_path}) "
+            f"(in the Views menu: *{sweep_view_name(spec.name)}*)."
+        )
     return "\n\n".join(lines)
 
 

@@ -9,7 +9,16 @@ from mlflow.tracking import MlflowClient
 
 from sweeper.location import Location
 from sweeper.spec import expand, load_spec_text
-from sweeper.tracking import SENTINEL, TAG_FAILURE, TAG_ORDER, TAG_ROLE, TAG_SWEEP, TAG_TRIAL, ui_command
+from sweeper.tracking import (
+    SENTINEL,
+    TAG_FAILURE,
+    TAG_ORDER,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    sweep_view_url,
+    ui_command,
+)
 
 
 def sweep_status(sweep_dir: Location) -> dict[str, Any]:
@@ -48,6 +57,9 @@ def sweep_status(sweep_dir: Location) -> dict[str, Any]:
         f"best_{metric}": best,
         "mlflow": ui_command(meta["tracking_uri"]),
         "parent_run_id": parent.info.run_id if parent else None,
+        "charts": sweep_view_url(meta["tracking_uri"], parent.info.experiment_id, meta["sweep_id"])
+        if parent
+        else None,
         "trials": rows,
     }
 
@@ -91,4 +103,6 @@ def format_status(status: dict[str, Any]) -> str:
             f"{r['trial'].ljust(width)}  {r['state']:8s}  {r['epoch']:>4d}/{r['epochs']:<4d}  {value:>9s}  {r['failure'] or ''}"
         )
     lines.append(f"MLflow: {status['mlflow']} (parent run {status['parent_run_id']})")
+    if status["charts"]:
+        lines.append(f"charts: {status['charts']}")
     return "\n".join(lines)

@@ -81,7 +81,8 @@ def default_tracking_uri() -> str:
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-"""Without this tag MLflow 3's UI opens an experiment in its GenAI mode (traces, judges, 'Evaluations')."""
+"""MLflow's marker of a training experiment. MLflow 3.17's UI no longer reads it for its GenAI or training mode
+(its sidebar toggle decides; see sweep_view_path), but the API and other MLflow versions do."""
 
 
 def artifact_location(uri: str, sweep_dir: str, experiment: str) -> str | None:
@@ -108,6 +109,63 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+VIEW_PREFIX = "mlflow.sharedViewState."
+"""MLflow 3's saved views of an experiment's runs page are experiment tags under this prefix (the UI's
+Views menu lists them; ``?viewStateShareKey=<id>`` opens one)."""
+
+
+def sweep_view_id(sweep_id: str) -> str:
+    return f"sweeper-{sweep_id}"
+
+
+def sweep_view_name(sweep_name: str) -> str:
+    return f"{sweep_name}: trials by variant"
+
+
+def sweep_view_path(experiment_id: str, sweep_id: str) -> str:
+    """The UI route (after ``#``) of the sweep's saved view, in chart mode and the UI's training mode:
+    MLflow 3.17's UI takes GenAI or training mode from its sidebar toggle (kept in the browser, GenAI in a
+    new one) or this URL parameter, not from the experiment's ``mlflow.experimentKind`` tag."""
+    return (
+        f"/experiments/{experiment_id}/runs?viewStateShareKey={sweep_view_id(sweep_id)}"
+        "&compareRunsMode=CHART&workflowType=machine_learning"
+    )
+
+
+def sweep_view_url(uri: str, experiment_id: str, sweep_id: str) -> str:
+    """Where a browser opens the sweep's charts: the tracking server itself, or what ``mlflow ui`` serves
+    by default (127.0.0.1:5000) for a store it opens."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#{sweep_view_path(experiment_id, sweep_id)}"
+
+
+def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, sweep_name: str) -> str:
+    """Save the view a researcher wants of one sweep in the experiment's Views menu; return its id.
+
+    Runs of this sweep only, grouped by ``sweeper.cell``: one mean line per variant with its seeds'
+    min-max band. In MLflow's default view the parent run, which holds no curves, has an empty entry in
+    every chart's legend, and a view cannot hide a run (the UI drops hidden runs from a shared view's
+    state); grouping puts the parent, which has no cell, in the collapsed "Additional runs" group, out
+    of the charts. Written once; a resume finds it.
+    """
+    key = VIEW_PREFIX + sweep_view_id(sweep_id)
+    if key in client.get_experiment(experiment_id).tags:
+        return sweep_view_id(sweep_id)
+    state = {
+        "searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep_id}'",
+        "groupBy": {
+            "groupByKeys": [{"mode": "tag", "groupByData": TAG_CELL}],
+            "aggregateFunction": "average",
+        },
+        "useGroupedValuesInCharts": True,
+    }
+    now = int(time.time() * 1000)
+    envelope = {"name": sweep_view_name(sweep_name), "createdAt": now, "updatedAt": now}
+    envelope["state"] = json.dumps(state)
+    with_retry(client.set_experiment_tag, experiment_id, key, json.dumps(envelope))
+    return sweep_view_id(sweep_id)
 
 
 def git_commit() -> str | None:
@@ -186,31 +244,35 @@ def _find_or_create_run(
     return runs[0]
 
 
+def ensure_experiment(client: MlflowClient, experiment: str, sweep_dir: str) -> str:
+    """Find the experiment by name, or create it with its artifacts beside the store; return its id.
+    An untagged experiment is adopted as a training one; a user's own kind is kept."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client.create_experiment(
+            experiment,
+            artifact_location=artifact_location(client.tracking_uri, sweep_dir, experiment),
+            tags=EXPERIMENT_KIND,
+        )
+    if not any(k in exp.tags for k in EXPERIMENT_KIND):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
 def ensure_parent_run(
     client: MlflowClient,
     *,
-    experiment: str,
+    experiment_id: str,
     sweep_id: str,
     sweep_name: str,
     spec_hash: str,
     spec_text: str,
     sweep_dir: str,
     description: str = "",
-) -> tuple[str, str]:
-    """Find the sweep's parent run by tag, or create it; return ``(experiment_id, run_id)``.
+) -> str:
+    """Find the sweep's parent run by tag, or create it; return its run id.
     ``description``: Markdown for the run's Description field (MLflow's ``mlflow.note.content``)."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        experiment_id = client.create_experiment(
-            experiment,
-            artifact_location=artifact_location(client.tracking_uri, sweep_dir, experiment),
-            tags=EXPERIMENT_KIND,
-        )
-    else:
-        experiment_id = exp.experiment_id
-        if not any(k in exp.tags for k in EXPERIMENT_KIND):  # adopt an untagged one; keep a user's kind
-            for key, value in EXPERIMENT_KIND.items():
-                client.set_experiment_tag(experiment_id, key, value)
     run = _find_run(client, experiment_id, **{TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
     if run is None:
         tags = {
@@ -230,7 +292,7 @@ def ensure_parent_run(
         client.update_run(run.info.run_id, status="RUNNING")
     if description and run.data.tags.get("mlflow.note.content") != description:
         client.set_tag(run.info.run_id, "mlflow.note.content", description)
-    return experiment_id, run.info.run_id
+    return run.info.run_id
 
 
 def finish_parent_run(

@@ -215,6 +215,43 @@ def test_cli_sweep_logs_every_layer_every_epoch(sweep):
     assert len(digests) == 1
 
 
+def _saved_view(client, experiment_id) -> tuple[str, dict, dict]:
+    """The sweep's saved view as MLflow 3's UI reads it: an experiment tag ``mlflow.sharedViewState.<id>``
+    holding ``{"name": str, "createdAt": number, "updatedAt": number, "state": JSON string}``."""
+    tags = client.get_experiment(experiment_id).tags
+    (key,) = [k for k in tags if k.startswith("mlflow.sharedViewState.")]
+    envelope = json.loads(tags[key])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    return key.removeprefix("mlflow.sharedViewState."), envelope, json.loads(envelope["state"])
+
+
+def test_the_sweep_has_a_saved_chart_view_without_the_parent_in_its_legends(sweep):
+    """MLflow's default chart view draws the parent run, which holds no curves, as an empty legend entry
+    in every chart. The sweep saves a view in the experiment's Views menu (this sweep's runs grouped by
+    variant), linked from `run`'s output, `status` and the parent's description: every trial falls in a
+    variant's group and the parent, without a cell, in the collapsed remainder that charts leave out."""
+    client, parent, children = _check_store(sweep.uri)
+    experiment_id = parent.info.experiment_id
+    view_id, envelope, state = _saved_view(client, experiment_id)
+    assert envelope["name"] == "e2e: trials by variant"
+    assert state["groupBy"] == {
+        "groupByKeys": [{"mode": "tag", "groupByData": "sweeper.cell"}],
+        "aggregateFunction": "average",
+    }
+    # Its filter, through MLflow's own search, selects this sweep's runs and no others.
+    shown = client.search_runs([experiment_id], state["searchFilter"])
+    assert {r.info.run_id for r in shown} == {parent.info.run_id} | {c.info.run_id for c in children}
+    cells = Counter(c.data.tags["sweeper.cell"] for c in children)
+    assert len(cells) == 2 and set(cells.values()) == {2}  # one line per width, over 2 seeds
+    assert "sweeper.cell" not in parent.data.tags
+    route = (
+        f"/experiments/{experiment_id}/runs?viewStateShareKey={view_id}"
+        "&compareRunsMode=CHART&workflowType=machine_learning"
+    )
+    assert f"charts: http://127.0.0.1:5000/#{route}" in sweep.first.stdout
+    assert f"(#{route})" in parent.data.tags["mlflow.note.content"]
+
+
 def test_sweep_directory_lives_in_the_bucket_with_one_bundle_per_width(sweep):
     files = sweep.files()
     assert {"sweeps/team/e2e/sweep.json", "sweeps/team/e2e/spec.yaml"} <= files
@@ -292,6 +329,8 @@ def test_running_again_resumes_without_training_or_logging_twice(sweep):
     status = sweep.cli("status", sweep_uri, "--json")
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
+    assert state["charts"].startswith("http://127.0.0.1:5000/#/experiments/")
+    view_before = _saved_view(MlflowClient(sweep.uri), parent.info.experiment_id)[1]
     assert state["counts"]["FINISHED"] == 4 and state["planned"] == 4
     assert all(t["epoch"] == 3 for t in state["trials"])
     # `resume` takes the frozen spec from the sweep directory in the bucket and restores Tune's experiment
@@ -304,6 +343,10 @@ def test_running_again_resumes_without_training_or_logging_twice(sweep):
     # The resume made the report again (a failure would warn) and kept the description.
     assert "was not logged to its parent run" not in second.stderr
     assert parent2.data.tags["mlflow.note.content"] == parent.data.tags["mlflow.note.content"]
+    # The resume found the saved view (one, unchanged); `status` links it.
+    client = MlflowClient(sweep.uri)
+    assert _saved_view(client, parent.info.experiment_id)[1] == view_before
+    assert f"charts: {state['charts']}" in sweep.cli("status", sweep_uri).stdout
     assert {c.info.run_id for c in children2} == {c.info.run_id for c in children}
     missing = sweep.cli("status", f"s3://sweeps/team/nothing?endpoint_override={sweep.endpoint}&scheme=http")
     assert missing.returncode == 2 and "no sweep" in missing.stderr and "Traceback" not in missing.stderr

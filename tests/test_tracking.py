@@ -100,7 +100,7 @@ def test_experiments_keep_artifacts_beside_their_store_and_open_in_training_mode
     run from another folder wrote its figures there. The sweeper's experiments keep them beside the
     store, and carry the experiment-kind tag the UI needs to show training runs (an untagged experiment
     is adopted, a user's own kind is kept)."""
-    from sweeper.tracking import EXPERIMENT_KIND, artifact_location, ensure_parent_run
+    from sweeper.tracking import EXPERIMENT_KIND, artifact_location, ensure_experiment, ensure_parent_run
 
     (tmp_path / "store").mkdir()
     uri = mlflow_uri(tmp_path / "store")
@@ -111,7 +111,8 @@ def test_experiments_keep_artifacts_beside_their_store_and_open_in_training_mode
     common = dict(
         sweep_name="s", spec_hash="h", spec_text="name: s\n", sweep_dir=str(tmp_path / "sweeps" / "s")
     )
-    experiment_id, run_id = ensure_parent_run(client, experiment="fresh", sweep_id="a", **common)
+    experiment_id = ensure_experiment(client, "fresh", common["sweep_dir"])
+    run_id = ensure_parent_run(client, experiment_id=experiment_id, sweep_id="a", **common)
     experiment = client.get_experiment(experiment_id)
     assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "fresh").as_uri()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -120,13 +121,13 @@ def test_experiments_keep_artifacts_beside_their_store_and_open_in_training_mode
     assert (tmp_path / "store" / "mlartifacts" / "fresh" / run_id / "artifacts" / "spec.yaml").exists()
 
     untagged = client.create_experiment("untagged")
-    ensure_parent_run(client, experiment="untagged", sweep_id="b", **common)
+    assert ensure_experiment(client, "untagged", common["sweep_dir"]) == untagged
     assert (
         client.get_experiment(untagged).tags["mlflow.experimentKind"]
         == EXPERIMENT_KIND["mlflow.experimentKind"]
     )
     own = client.create_experiment("own", tags={"mlflow.experimentKind": "genai_development"})
-    ensure_parent_run(client, experiment="own", sweep_id="c", **common)
+    assert ensure_experiment(client, "own", common["sweep_dir"]) == own
     assert client.get_experiment(own).tags["mlflow.experimentKind"] == "genai_development"
 
     # Other stores: a server keeps its own; another database puts them beside the sweep directories.
