@@ -23,24 +23,39 @@ def layers_of(history: History, metric: str = "ncc_acc", split: str = "train") -
     return [key[len(prefix) :] for key in history if key.startswith(prefix)]
 
 
-def ncc_over_epochs(variants: dict[str, History], layers: list[str], split: str = "train") -> Figure:
+Layers = dict[str, list[str]]
+"""Each variant's tap names in depth order: variants of one sweep may differ in architecture or depth."""
+
+
+def ncc_over_epochs(variants: dict[str, History], layers: Layers, split: str = "train") -> Figure:
     """NCC accuracy of every layer over epochs, one panel per variant (seed 000 Figs. 1-2, 4)."""
     n = len(variants)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
+    shared = len({tuple(v) for v in layers.values()}) <= 1
     for ax, (variant, history) in zip(axes[0], variants.items()):
-        for i, layer in enumerate(layers):
+        own = layers.get(variant, [])
+        for i, layer in enumerate(own):
             points = history.get(f"ncc_acc/{split}/{layer}", [])
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=cmap(i / max(1, len(layers) - 1)), label=layer)
+                ax.plot(steps, values, color=cmap(i / max(1, len(own) - 1)), label=layer)
         ax.set_title(variant, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        if not shared:
+            _legend(ax, title="layer", fontsize=7, loc="lower right")
     axes[0][0].set_ylabel(f"NCC accuracy ({split})")
-    axes[0][-1].legend(title="layer", fontsize=8, loc="lower right")
+    if shared:
+        _legend(axes[0][-1], title="layer", fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend where the panel drew something (an empty one is a matplotlib warning, not a figure)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
 
 
 def final(history: History, key: str) -> float | None:
@@ -48,25 +63,33 @@ def final(history: History, key: str) -> float | None:
     return points[-1][1] if points else None
 
 
-def by_layer(variants: dict[str, History], layers: list[str], panels: list[tuple[str, str, str]]) -> Figure:
+def by_layer(variants: dict[str, History], layers: Layers, panels: list[tuple[str, str, str]]) -> Figure:
     """Metrics at the end of training against layer, one line per variant; ``panels`` are
-    (metric, split, y label)."""
+    (metric, split, y label). Variants with different taps are drawn against the layer's index from the
+    input, so that a deeper variant's layers are all there."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    x = np.arange(1, len(layers) + 1)
+    names = list(dict.fromkeys(tuple(v) for v in layers.values()))
+    longest = max((len(v) for v in layers.values()), default=0)
     for ax, (metric, split, label) in zip(axes[0], panels):
         for variant, history in variants.items():
-            values = [final(history, f"{metric}/{split}/{layer}") for layer in layers]
+            own = layers.get(variant, [])
+            values = [final(history, f"{metric}/{split}/{layer}") for layer in own]
+            x = np.arange(1, len(own) + 1)
             ax.plot(x, [np.nan if v is None else v for v in values], marker="o", label=variant)
-        ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=8)
-        ax.set_xlabel("layer")
+        if len(names) == 1:
+            ax.set_xticks(np.arange(1, longest + 1), list(names[0]), rotation=45, ha="right", fontsize=8)
+            ax.set_xlabel("layer")
+        else:
+            ax.set_xticks(np.arange(1, longest + 1))
+            ax.set_xlabel("layer (index from the input)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    _legend(axes[0][-1], fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def mismatch_by_layer(variants: dict[str, History], layers: list[str]) -> Figure:
+def mismatch_by_layer(variants: dict[str, History], layers: Layers) -> Figure:
     """Train and test NCC mismatch (NC4) per layer at the end of training, e.g. vanilla vs SVSL (004 Fig. 2)."""
     return by_layer(
         variants,
@@ -75,7 +98,7 @@ def mismatch_by_layer(variants: dict[str, History], layers: list[str]) -> Figure
     )
 
 
-def collapse_by_layer(variants: dict[str, History], layers: list[str]) -> Figure:
+def collapse_by_layer(variants: dict[str, History], layers: Layers) -> Figure:
     """NC1 ratio, NC2 (distance to a simplex ETF), NC3 alignment and NCC accuracy by layer (002 Figs. 1-4)."""
     return by_layer(
         variants,

@@ -224,7 +224,8 @@ def _mean_history(records: list[TrialRecord]) -> figures.History:
 def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     cells = list(dict.fromkeys(r.cell for r in records))
     variants = {cell: _mean_history([r for r in records if r.cell == cell]) for cell in cells}
-    layers = records[0].taps if records else []
+    # A variant's taps from its trial that logged the most (a trial that failed early may have none).
+    layers = {cell: max((r.taps for r in records if r.cell == cell), key=len) for cell in cells}
     paths = []
     for name, fig in (
         ("ncc_acc_by_epoch.png", figures.ncc_over_epochs(variants, layers)),
@@ -236,6 +237,8 @@ def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     heatmaps = out / "nc1_heatmaps"
     heatmaps.mkdir(exist_ok=True)
     for record in records:
+        if not record.taps:  # failed before its first metric pass: nothing to draw
+            continue
         path = heatmaps / f"{record.name.replace('/', '_').replace(' ', '')}.png"
         figures.save(figures.nc1_heatmap(record.history, record.taps, record.name), path)
         paths.append(path)

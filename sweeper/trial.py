@@ -298,7 +298,7 @@ def log_trial_figures(tracker: TrialTracker, taps: list[str], name: str) -> None
     with_retry(
         tracker.client.log_figure,
         tracker.run_id,
-        figures.ncc_over_epochs({name: history}, taps),
+        figures.ncc_over_epochs({name: history}, {name: taps}),
         "figures/ncc_acc_by_epoch.png",
     )
     with_retry(
