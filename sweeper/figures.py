@@ -27,14 +27,20 @@ Layers = dict[str, list[str]]
 """Each variant's tap names in depth order: variants of one sweep may differ in architecture or depth."""
 
 
+def common_layers(layers: Layers) -> list[str] | None:
+    """The tap names every variant shares, or None where variants differ."""
+    distinct = {tuple(v) for v in layers.values()}
+    return list(distinct.pop()) if len(distinct) == 1 else None
+
+
 def ncc_over_epochs(variants: dict[str, History], layers: Layers, split: str = "train") -> Figure:
     """NCC accuracy of every layer over epochs, one panel per variant (seed 000 Figs. 1-2, 4)."""
     n = len(variants)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=True)
     cmap = plt.get_cmap("viridis")
-    shared = len({tuple(v) for v in layers.values()}) <= 1
+    shared = common_layers(layers) is not None
     for ax, (variant, history) in zip(axes[0], variants.items()):
-        own = layers.get(variant, [])
+        own = layers[variant]
         for i, layer in enumerate(own):
             points = history.get(f"ncc_acc/{split}/{layer}", [])
             if points:
@@ -68,19 +74,19 @@ def by_layer(variants: dict[str, History], layers: Layers, panels: list[tuple[st
     (metric, split, y label). Variants with different taps are drawn against the layer's index from the
     input, so that a deeper variant's layers are all there."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    names = list(dict.fromkeys(tuple(v) for v in layers.values()))
-    longest = max((len(v) for v in layers.values()), default=0)
+    names = common_layers(layers)
+    ticks = np.arange(1, max((len(v) for v in layers.values()), default=0) + 1)
     for ax, (metric, split, label) in zip(axes[0], panels):
         for variant, history in variants.items():
-            own = layers.get(variant, [])
+            own = layers[variant]
             values = [final(history, f"{metric}/{split}/{layer}") for layer in own]
             x = np.arange(1, len(own) + 1)
             ax.plot(x, [np.nan if v is None else v for v in values], marker="o", label=variant)
-        if len(names) == 1:
-            ax.set_xticks(np.arange(1, longest + 1), list(names[0]), rotation=45, ha="right", fontsize=8)
+        if names is not None:
+            ax.set_xticks(ticks, names, rotation=45, ha="right", fontsize=8)
             ax.set_xlabel("layer")
         else:
-            ax.set_xticks(np.arange(1, longest + 1))
+            ax.set_xticks(ticks)
             ax.set_xlabel("layer (index from the input)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

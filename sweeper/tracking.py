@@ -141,8 +141,8 @@ def sweep_view_url(uri: str, experiment_id: str, sweep_id: str) -> str:
     return f"{base}/#{sweep_view_path(experiment_id, sweep_id)}"
 
 
-def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, sweep_name: str) -> str:
-    """Save the view a researcher wants of one sweep in the experiment's Views menu; return its id.
+def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, sweep_name: str) -> None:
+    """Save the view a researcher wants of one sweep in the experiment's Views menu.
 
     Runs of this sweep only, grouped by ``sweeper.cell``: one mean line per variant with its seeds'
     min-max band. In MLflow's default view the parent run, which holds no curves, has an empty entry in
@@ -152,7 +152,7 @@ def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, s
     """
     key = VIEW_PREFIX + sweep_view_id(sweep_id)
     if key in client.get_experiment(experiment_id).tags:
-        return sweep_view_id(sweep_id)
+        return
     state = {
         "searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep_id}'",
         "groupBy": {
@@ -162,10 +162,13 @@ def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, s
         "useGroupedValuesInCharts": True,
     }
     now = int(time.time() * 1000)
-    envelope = {"name": sweep_view_name(sweep_name), "createdAt": now, "updatedAt": now}
-    envelope["state"] = json.dumps(state)
-    with_retry(client.set_experiment_tag, experiment_id, key, json.dumps(envelope))
-    return sweep_view_id(sweep_id)
+    envelope = {
+        "name": sweep_view_name(sweep_name),
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(state),
+    }
+    client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
 
 
 def git_commit() -> str | None:

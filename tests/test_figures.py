@@ -27,7 +27,7 @@ def _lines(ax) -> list[np.ndarray]:
     return [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
 
 
-def test_every_variant_draws_its_own_layers(tmp_path):
+def test_every_variant_draws_its_own_layers():
     variants = {cell: _record(cell, taps, 0).history for cell, taps in TAPS.items()}
     fig = figures.ncc_over_epochs(variants, TAPS)
     for ax, (cell, taps) in zip(fig.axes, TAPS.items()):
