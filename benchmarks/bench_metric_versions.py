@@ -13,7 +13,7 @@ Cases:
 - ``resnet18-28px``: ResNet18 on 1 x 28 x 28 inputs (Fashion-MNIST-sized), every tap including layer1
   (64 x 28 x 28 = 50,176 wide), on ``--resnet-samples`` per split (CPU-sized; the cost is linear in it).
 
-Run: ``python benchmarks/bench_metric_versions.py [--quick] [--repeats N]``. Prints a Markdown table of
+Run: ``python benchmarks/bench_metric_versions.py [--quick] [--repeats N] [--base COMMIT]``. Prints a Markdown table of
 medians; nothing is asserted.
 """
 
@@ -56,9 +56,10 @@ def module_at(commit: str, path: str, name: str, edit=lambda source: source):
     return module
 
 
-def load_v1_engine():
-    """Version 1's ``trainables/metrics.py`` as a module, adapted to today's ``measure_stack`` calls."""
-    module = module_at(V1_COMMIT, "trainables/metrics.py", "metrics_v1")
+def load_v1_engine(commit: str = V1_COMMIT):
+    """Version 1's ``trainables/metrics.py`` (or ``commit``'s) as a module, adapted to today's
+    ``measure_stack`` calls."""
+    module = module_at(commit, "trainables/metrics.py", f"metrics_{commit[:8]}")
 
     class V1Accumulator(module.TapAccumulator):
         def __init__(self, *args, probe=None, **kwargs):
@@ -163,9 +164,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--resnet-samples", type=int, default=300)
     parser.add_argument("--cases", default="mlp,resnet,tap", help="comma-separated subset of mlp,resnet,tap")
+    parser.add_argument(
+        "--base", default=V1_COMMIT, help="the commit in the v1 column (default: the last of version 1)"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
-    v1 = load_v1_engine()
+    v1 = load_v1_engine(args.base)
     torch.manual_seed(0)
     cases = set(args.cases.split(","))
     rows = []
@@ -177,7 +181,8 @@ def main() -> None:
         rows.append(bench_tap(500 if args.quick else 10_000, 50_176, repeats, v1))
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, repeats={repeats}, python {sys.version.split()[0]}\n"
+        f"{torch.get_num_threads()} threads, repeats={repeats}, python {sys.version.split()[0]}, "
+        f"v1 column: commit {args.base}\n"
     )
     print(
         "| case | tap widths | samples | v1 (s) | v2 (s) | v2 / v1 | v2 + probe (s) | probe / v2 | acc+loss only (s) |"

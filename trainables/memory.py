@@ -21,7 +21,7 @@ import torch
 from trainables.config import TrialConfig
 from trainables.data import dataset_info
 from trainables.measure import CACHE_BYTES
-from trainables.metrics import ERROR_PROBES, GRAM_MAX_WIDTH, PROBE_WIDTH, SKETCH_WIDTH
+from trainables.metrics import ERROR_PROBES, GRAM_MAX_WIDTH, PROBE_WIDTH, SKETCH_WIDTH, SUBSPACE_ROWS
 from trainables.models import build_model
 
 CUDA_CONTEXT_BYTES = 600 << 20
@@ -87,10 +87,10 @@ def estimate_bytes(cfg: TrialConfig, members: int = 1) -> int:
 
 
 def wide_tap_bytes(d: int) -> int:
-    """Pass 2's spectral statistics of a tap wider than GRAM_MAX_WIDTH: the subspace (float32) and S
-    applied to it (float64), the error probes (float32) and S applied to them (float64), and the float32
-    rows gathered for one product (``metrics._SUBSPACE_ROWS``, 256)."""
-    return d * (2 * SKETCH_WIDTH * (4 + 8) + ERROR_PROBES * (4 + 8) + 4 * 256)
+    """Pass 2's spectral statistics of a tap wider than GRAM_MAX_WIDTH, all float64: the subspace and S
+    applied to it, the error probes and S applied to them, and the rows gathered for one product
+    (``metrics.SUBSPACE_ROWS``)."""
+    return d * 8 * (2 * (2 * SKETCH_WIDTH + ERROR_PROBES) + SUBSPACE_ROWS)
 
 
 def metric_bytes(cfg: TrialConfig, tap_widths: list[int] | None = None) -> int:

@@ -51,10 +51,11 @@ PROBE_FACTOR = 3.0
 # Cap on one float64 working block, in elements (8 MiB): wide taps stream in row chunks small enough to
 # stay in cache, which measured 2x faster on a 65,536-wide tap than 64 MiB blocks.
 _BLOCK_ELEMENTS = 1 << 20
-# Rows of a wide tap gathered (in float32) before one product with its d x k subspace: each product
-# rewrites the d x k float64 sum (25 MiB at d = 50,176), so doing it per 20-row block made the
-# subspace products memory-bound (1.8 s of a 10.7 s ResNet18 pass on 600 samples).
-_SUBSPACE_ROWS = 256
+# Rows of a wide tap gathered before one product with its d x k subspace: each product rewrites the
+# d x k float64 sum (25 MiB at d = 50,176), so doing it per 20-row block made the subspace products
+# memory-bound (1.8 s of a 10.7 s ResNet18 pass on 600 samples). 128 float64 rows are the bytes of the
+# 256 float32 rows gathered before the products moved to float64.
+SUBSPACE_ROWS = 128
 _EPS = torch.finfo(torch.float64).eps
 # Singular values of a layer weight this close (relative to the largest) to the (C-1)-th one are tied with
 # it: their singular vectors are interchangeable, so all of them belong to nc3_alignment's subspace.
@@ -147,13 +148,16 @@ class TapAccumulator:
         self.sums = torch.zeros(m, num_classes, dim, **f64)
         self.degenerate: dict[int, str] = {}
         if self.wide:
-            # Pass 1 applies the uncentred scatter to a random start (one power iteration, Halko et al.
-            # 2011 Alg. 4.3) so pass 2 can apply the exact within-class scatter to a subspace that
-            # already leans towards its top directions; the shift (the first rows' mean) keeps a large
-            # common offset (post-ReLU features) out of the cancellation when the means are subtracted.
+            # Pass 1 applies a shifted scatter to a random start (one power iteration, Halko et al. 2011
+            # Alg. 4.3) so pass 2 can apply the exact within-class scatter to a subspace that already
+            # leans towards its top directions. Each row is shifted by the first sample of its class,
+            # so the float32 products see the within-class spread, not the class means: with one shift
+            # for all classes, means 39 times the spread (the regime collapse studies live in) left the
+            # power columns mostly rounding noise of the between-class scatter.
             self.start = _gaussian(dim, min(SKETCH_WIDTH, dim), 0, self.device)
             self.power = torch.zeros(m, dim, self.start.shape[1], **f64)
-            self.shift: torch.Tensor | None = None
+            self.shift = torch.zeros(m, num_classes, dim, dtype=torch.float32, device=self.device)
+            self.shift_set = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         if probe is not None:
             self.probe_map = _probe_projection(dim, self.device)
             width = dim if self.probe_map is None else PROBE_WIDTH
@@ -184,13 +188,20 @@ class TapAccumulator:
             self.sums.index_add_(1, yb, block)
             self.counts += torch.bincount(yb, minlength=self.num_classes).to(torch.float64)
             if self.wide:
-                if self.shift is None:
-                    self.shift = block.mean(1, keepdim=True)
-                rows.add((block - self.shift).float())
+                self._set_shifts(block, yb)
+                rows.add((block - self.shift.index_select(1, yb)).float())
             if self.probe == "fit":
                 x = self._probe_features(block)
                 self.probe_gram += x.mT @ x
         rows.flush()
+
+    def _set_shifts(self, block: torch.Tensor, labels: torch.Tensor) -> None:
+        """The shift of each class not seen before this block: its first row here."""
+        first = torch.full((self.num_classes,), len(labels), device=self.device)
+        first.scatter_reduce_(0, labels, torch.arange(len(labels), device=self.device), "amin")
+        new = (first < len(labels)) & ~self.shift_set
+        self.shift[:, new] = block[:, first[new]].float()
+        self.shift_set |= new
 
     def _power_step(self, shifted: torch.Tensor) -> None:
         self.power += shifted.mT @ (shifted @ self.start)
@@ -274,21 +285,22 @@ class TapAccumulator:
         if not self.wide:
             self.within_gram = torch.zeros(m, self.dim, self.dim, **f64)
         else:
-            # S Omega = sum (h-s)(h-s)^T Omega - sum_c N_c (mu_c-s)(mu_c-s)^T Omega, then the subspace
-            # [Omega, orth(S Omega)], orthonormalised, is what pass 2 applies the exact S to.
-            centre = torch.where(self.ok[:, None, None], self.means - self.shift, 0.0)
+            # S Omega = sum (h-s_y)(h-s_y)^T Omega - sum_c N_c (mu_c-s_c)(mu_c-s_c)^T Omega, then the
+            # subspace [Omega, orth(S Omega)], orthonormalised, is what pass 2 applies the exact S to.
+            centre = torch.where(self.ok[:, None, None], self.means - self.shift.double(), 0.0)
             power = self.power - centre.mT @ (self.counts[:, None] * (centre @ self.start.double()))
             power = torch.where(self.ok[:, None, None], power, 0.0)
             start = self.start.double().expand(m, -1, -1)
-            # float32 suffices for a basis the float32 products use (orthonormal to ~1e-7).
-            self.subspace = torch.linalg.qr(torch.cat([start, power], -1).float()).Q  # m x d x 2k
-            del self.power, self.start  # pass 1's share, no longer needed
+            # float64: the bounds of _spectral_bounds take Q as orthonormal to rounding (a float32 basis
+            # is orthonormal to ~1e-7 only, more than the bounds' own error terms).
+            self.subspace = torch.linalg.qr(torch.cat([start, power], -1)).Q  # m x d x 2k
+            del self.power, self.start, self.shift  # pass 1's share, no longer needed
             # Error probes live in the complement of the subspace (P Psi, P = I - QQ^T), so S P Psi
             # gives both the coupling Q^T S P and the rest P S P of S (see _spectral_bounds).
             psi = _gaussian(self.dim, ERROR_PROBES, 1, self.device).double()
-            q = self.subspace.double()
-            error_probes = (psi - q @ (q.mT @ psi)).float()  # m x d x r
-            self.targets = torch.cat([self.subspace, error_probes], -1)  # one product for both
+            q = self.subspace
+            error_probes = psi - q @ (q.mT @ psi)  # m x d x r
+            self.targets = torch.cat([q, error_probes], -1)  # one product for both
             self.applied = torch.zeros(m, self.dim, self.targets.shape[-1], **f64)  # S [Q, P Psi]
         self._pass = 2
 
@@ -312,9 +324,10 @@ class TapAccumulator:
                 self.within_gram.baddbmm_(diff.mT, diff)  # nc1's projection is read off it (see result)
             else:
                 self.projected_sq += ((diff @ self.M_pinv.mT) ** 2).sum((1, 2))
-                # The subspace products run in float32 (relative error ~1e-6, far inside the bounds
-                # they feed) on differences taken in float64; they accumulate in float64.
-                rows.add(diff.float())
+                # float64, not float32: the lower bound on ||H||_2^2 divides by Rayleigh quotients of
+                # directions S barely moves, and float32 rounding there (1e-7 of ||S||) read as a
+                # direction 7% stronger than S's top one (see _spectral_bounds).
+                rows.add(diff)  # a fresh tensor each block (index_select), safe to keep
             # argmin_c ||h - mu_c||^2 = argmin_c (||mu_c||^2 - 2 h.mu_c); ||h||^2 is common to all c.
             dist = self.ncc_sq_norms[:, None, :] - block @ self.ncc_means_2t
             ncc = self.ncc_classes[dist.argmin(-1)]
@@ -396,47 +409,80 @@ class TapAccumulator:
         features H (N x d), per member.
 
         Taps up to GRAM_MAX_WIDTH: exact from the d x d Gram (lower = upper). Wider taps: with Q the
-        orthonormal subspace pass 2 applied S to (``applied = S Q``) and ``probed = S Psi`` for fresh
-        Gaussian probes Psi,
+        orthonormal subspace pass 2 applied S to (``applied = S Q + E``, E its rounding, at most
+        :meth:`_product_error` in norm) and ``probed = S Psi`` for fresh Gaussian probes Psi,
 
-        - lower: the larger Ritz value of S on span(Q) and on span(S Q) (Rayleigh quotients of S, so at
-          most lambda_max; tight when a few directions dominate, as in collapsing features);
+        - lower: the larger of two Rayleigh quotients of S, each evaluated with E counted against it, so
+          no rounding can lift it above lambda_max (tight when a few directions dominate, as in
+          collapsing features). On span(Q), for the top Ritz vector x (unit):
+          ``(Qx)^T S Qx / ||Qx||^2 >= (x^T Q^T applied x - e) / ||Qx||^2``. On span(S Q), the vector
+          ``S^1/2 Q x`` has quotient ``||S Q x||^2 / x^T Q^T S Q x >= (||applied x|| - e)^2 /
+          (x^T Q^T applied x + e)``, evaluated at the generalised eigenvectors of
+          ``(applied^T applied, Q^T applied)``. Without the ``e`` terms, directions of span(Q) that S
+          barely moves (a flat spectrum's power columns are its range, so ``Omega - S Omega`` lies in
+          its null space) had rounding divided by rounding, and lower read 7% above lambda_max;
         - upper: in the blocks of S along Q and its complement P = I - QQ^T, ``A = Q^T S Q``,
           ``B = Q^T S P``, ``D = P S P``, ``lambda_max(S)`` is at most the largest eigenvalue of the 2 x 2
           matrix ``[[||A||, b], [b, delta]]`` for any ``b >= ||B||``, ``delta >= ||D||``. ``||A||`` is
-          exact; ``b`` and ``delta`` are ``PROBE_FACTOR sqrt(2/pi) max_i ||X P psi_i||`` for X = B and D,
-          bounds that each hold with probability at least ``1 - PROBE_FACTOR^-ERROR_PROBES`` (Halko,
-          Martinsson & Tropp 2011, Lemma 4.1); never above Tr(S).
+          exact to ``e``; ``b`` and ``delta`` are ``PROBE_FACTOR sqrt(2/pi) max_i ||X P psi_i||`` for X = B
+          and D, bounds that each hold with probability at least ``1 - PROBE_FACTOR^-ERROR_PROBES``
+          (Halko, Martinsson & Tropp 2011, Lemma 4.1); never above Tr(S).
 
         So the reported ``stable_rank = Tr(S) / lower`` is never below the true one (a sketch can only
         miss collapse, never invent it) and ``stable_rank_min = Tr(S) / upper`` bounds it from below; the
-        bracket is tight for low-rank and fast-decaying spectra and wide for flat ones (tested on all
-        three at d = 16,384).
+        bracket is tight for low-rank and fast-decaying spectra and wide for flat ones (tested over
+        spectra, mean-to-spread ratios, widths and sample counts in tests/test_metrics.py).
         """
         ok = self.ok[:, None, None]  # a degenerate member's NaN must not fail the batched eigensolver
         if not self.wide:
             top = torch.linalg.eigvalsh(torch.where(ok, self.within_gram, 0.0))[:, -1]
             return top, top
-        q = self.subspace.double()
+        q = self.subspace
         k = q.shape[-1]
         applied = torch.where(ok, self.applied[..., :k], 0.0)
-        a = q.mT @ applied  # Q^T S Q
-        evals, evecs = torch.linalg.eigh((a + a.mT) / 2)
-        ritz = evals[:, -1]
-        # Ritz on span(S Q) = span(S^1/2 (S^1/2 Q)): the largest generalised eigenvalue of
-        # (Q^T S^2 Q, Q^T S Q), through a whitening that gives unresolved directions weight 0.
-        keep = evals > max(self.dim, a.shape[-1]) * _EPS * evals.amax(-1, keepdim=True).clamp_min(0)
+        e = self._product_error(k)
+        a = q.mT @ applied  # Q^T S Q + Q^T E
+        a = (a + a.mT) / 2
+        evals, evecs = torch.linalg.eigh(a)
+        top = evecs[..., -1:]  # the top Ritz vector, in Q's coordinates
+        top_norm = (torch.linalg.vector_norm(q @ top, dim=1) ** 2).squeeze(-1)
+        on_q = (_quadratic(a, top).squeeze(-1) - e) / top_norm
+        # Candidates on span(S Q): the generalised eigenvectors of (applied^T applied, a), through a
+        # whitening that leaves out directions a cannot tell from rounding (their quotient is noise;
+        # the e terms below would discard them anyway).
+        keep = evals > e[:, None]
         whiten = evecs * torch.where(keep, evals, 1.0).rsqrt().where(keep, 0.0)[:, None, :]
-        b = applied.mT @ applied
-        lower = torch.maximum(ritz, torch.linalg.eigvalsh(whiten.mT @ b @ whiten)[:, -1])
+        _, gen = torch.linalg.eigh(whiten.mT @ (applied.mT @ applied) @ whiten)
+        x = whiten @ gen
+        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        moved = (torch.linalg.vector_norm(applied @ x, dim=1) - e[:, None]).clamp_min(0) ** 2
+        on_sq = (moved / (_quadratic(a, x) + e[:, None]).clamp_min(torch.finfo(x.dtype).tiny)).amax(-1)
+        lower = torch.maximum(on_q, on_sq).clamp_min(0)
         probed = torch.where(ok, self.applied[..., k:], 0.0)  # S P Psi
         coupling = q.mT @ probed  # B Psi
         rest = probed - q @ coupling  # D Psi
         factor = PROBE_FACTOR * (2 / torch.pi) ** 0.5
         b = factor * torch.linalg.vector_norm(coupling, dim=1).amax(-1)
         delta = factor * torch.linalg.vector_norm(rest, dim=1).amax(-1)
-        upper = (ritz + delta) / 2 + torch.sqrt(((ritz - delta) / 2) ** 2 + b**2)
+        norm_a = evals[:, -1] + e
+        upper = (norm_a + delta) / 2 + torch.sqrt(((norm_a - delta) / 2) ** 2 + b**2)
         return lower, torch.minimum(upper, self.within_sq.sum(-1)).clamp_min(lower)
+
+    def _product_error(self, k: int) -> torch.Tensor:
+        """A bound on ``||E||_2`` for ``applied[..., :k] = S Q + E``, per member.
+
+        ``applied`` sums ``D_b^T (D_b Q)`` over row blocks D_b of the differences, in float64. For any
+        summation order ``||fl(XY) - XY||_F <= gamma_n ||X||_F ||Y||_F`` with ``gamma_n = n u / (1 - n u)``
+        for inner dimension n (Higham 2002, "Accuracy and Stability of Numerical Algorithms", §3.5), so
+        with d for ``D_b Q``, at most N rows per block and at most N blocks, and ``||Q||_F = sqrt(k)``:
+        ``||E|| <= (gamma_d + 2 gamma_N) sqrt(k) sum_b ||D_b||_F^2 = (gamma_d + 2 gamma_N) sqrt(k) Tr(S)``,
+        doubled for the second-order terms and the small products that follow. Relative to
+        lambda_max it is at most ``(d + 2N) u sqrt(k) * stable rank``: 7e-7 at d = 65,536, N = 10,000 and
+        a stable rank of N, whatever the CPU's or GPU's summation order.
+        """
+        n = float(self.counts.sum())
+        gamma = sum(m * _EPS / 2 / (1 - m * _EPS / 2) for m in (self.dim, n, n))
+        return 2 * gamma * k**0.5 * self.within_sq.sum(-1)
 
     def _rows_per_block(self) -> int:
         if self.device.type != "cpu":
@@ -444,9 +490,8 @@ class TapAccumulator:
         return max(1, _BLOCK_ELEMENTS // max(1, self.dim * self.sums.shape[0]))
 
 
-@functools.lru_cache(maxsize=64)
 class _RowBuffer:
-    """Gathers row blocks (members x rows x d) and hands ``step`` about _SUBSPACE_ROWS rows at a time."""
+    """Gathers row blocks (members x rows x d) and hands ``step`` about SUBSPACE_ROWS rows at a time."""
 
     def __init__(self, step) -> None:
         self.step, self.blocks, self.rows = step, [], 0
@@ -454,7 +499,7 @@ class _RowBuffer:
     def add(self, block: torch.Tensor) -> None:
         self.blocks.append(block)
         self.rows += block.shape[1]
-        if self.rows >= _SUBSPACE_ROWS:
+        if self.rows >= SUBSPACE_ROWS:
             self.flush()
 
     def flush(self) -> None:
@@ -463,6 +508,12 @@ class _RowBuffer:
             self.blocks, self.rows = [], 0
 
 
+def _quadratic(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x_j^T a x_j`` for each column j of x (leading batch dimensions shared)."""
+    return (x * (a @ x)).sum(-2)
+
+
+@functools.lru_cache(maxsize=64)
 def _gaussian(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
     """A fixed float32 Gaussian matrix, drawn once per shape and device (every epoch, tap and split of a
     trial reuses it; drawing a 50,176 x 32 one took 20 ms)."""
