@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from sweeper.location import LocationError
-from sweeper.spec import SpecError, _short, load_spec, load_spec_text
+from sweeper.spec import SpecError, _short, load_frozen_spec, load_spec
 
 EXIT_BAD_INPUT = 2
 
@@ -110,7 +110,7 @@ def resume(args: argparse.Namespace) -> int:
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
         meta = json.loads(sweep_dir.read_text("sweep.json"))
-        loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
+        loaded = load_frozen_spec(sweep_dir)
         result = run_sweep(
             loaded,
             storage=sweep_dir.parent,
@@ -130,13 +130,15 @@ def report(args: argparse.Namespace) -> int:
 
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
-        out, rows, comparisons = make_report(sweep_dir, args.format, args.out)
+        out, rows, comparisons, left_out = make_report(sweep_dir, args.format, args.out)
     except (FileNotFoundError, LocationError, SpecError) as err:
         print(f"error: report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(render_table(rows, "md"))
     if comparisons:
         print(render_comparisons(comparisons, "md"))
+    if left_out:
+        print(left_out + "\n")
     print(f"report written to {out} and logged to the sweep's parent run under report/")
     return 0
 

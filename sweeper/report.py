@@ -26,8 +26,9 @@ from sweeper.spec import (
     PERCENT_COLUMNS,
     REPORT_COLUMNS,
     LoadedSpec,
+    _short,
     expand,
-    load_spec_text,
+    load_frozen_spec,
     reference_matches,
 )
 from sweeper.tracking import (
@@ -245,26 +246,40 @@ def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     return paths
 
 
-def reference_comparisons(loaded: LoadedSpec, records: list[TrialRecord]) -> list[dict[str, Any]]:
+def reference_comparisons(
+    loaded: LoadedSpec, records: list[TrialRecord]
+) -> tuple[list[dict[str, Any]], str | None]:
     """Each published value of the spec's ``reference`` rows beside our mean and sample std over the
     matched variant's finished trials, their difference, and whether the published value lies within
-    :data:`SPREAD_STDS` standard deviations of our mean. Accuracies in percent."""
+    :data:`SPREAD_STDS` standard deviations of our mean. Accuracies in percent.
+
+    Also one line naming the rows left out because this sweep's grid runs none of their variants (a grid
+    narrowed with ``--set``; the spec file's own grid has them all), or None."""
     if not loaded.spec.reference:
-        return []
+        return [], None
     configs = {}
     for trial in expand(loaded):
         configs.setdefault(trial.cell, trial.config)
     out = []
-    for ref in loaded.spec.reference:
-        for cell, config in configs.items():
-            if not reference_matches(ref, config):
-                continue
+    absent = []
+    for i, ref in enumerate(loaded.spec.reference):
+        matched = [cell for cell, config in configs.items() if reference_matches(ref, config)]
+        if not matched:
+            absent.append(i)
+        for cell in matched:
             members = [r for r in records if r.cell == cell]
             for key, paper in ref.values.items():
                 scale = 100.0 if key in PERCENT_COLUMNS else 1.0
                 ours = [scale * r.values[key] for r in members if r.values[key] is not None]
                 out.append(_comparison(cell, key, ours, paper, ref.source))
-    return out
+    note = None
+    if absent:
+        rows = ", ".join(f"reference[{i}] ({_short(loaded.spec.reference[i].match)})" for i in absent)
+        note = (
+            f"Left out {len(absent)} of {len(loaded.spec.reference)} reference rows, for variants this "
+            f"sweep's grid does not run (it was narrowed): {rows}."
+        )
+    return out, note
 
 
 def _comparison(cell: str, key: str, ours: list[float], paper: float, source: str) -> dict[str, Any]:
@@ -312,9 +327,11 @@ def render_comparisons(comparisons: list[dict[str, Any]], fmt: str) -> str:
 
 def make_report(
     sweep_dir: Location, fmt: str, out: Path | None
-) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]], str | None]:
     """Write the table and figures to ``out`` (default ``<sweep dir>/report``, or ``./report/<name>`` for a
-    sweep in an object store) and log them to the parent run."""
+    sweep in an object store) and log them to the parent run. Returns the folder, the table's rows, the
+    reference comparisons and the line naming reference rows left out (see
+    :func:`reference_comparisons`)."""
     meta = json.loads(sweep_dir.read_text("sweep.json"))
     client = MlflowClient(meta["tracking_uri"])
     parent, records = collect(client, meta["sweep_id"])
@@ -324,8 +341,8 @@ def make_report(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(parent, records)
-    loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
-    comparisons = reference_comparisons(loaded, records)
+    loaded = load_frozen_spec(sweep_dir)
+    comparisons, left_out = reference_comparisons(loaded, records)
     table = out / f"results.{fmt}"
     text = render_table(rows, fmt)
     if comparisons:
@@ -333,8 +350,10 @@ def make_report(
             text += "\n" + render_comparisons(comparisons, fmt)
         else:
             (out / f"reference.{fmt}").write_text(render_comparisons(comparisons, fmt))
+    if left_out and fmt == "md":
+        text += "\n" + left_out + "\n"
     table.write_text(text)
     if records:
         write_figures(records, out)
     client.log_artifacts(parent.info.run_id, str(out), "report")
-    return out, rows, comparisons
+    return out, rows, comparisons, left_out

@@ -469,10 +469,25 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_frozen_spec(sweep_dir) -> LoadedSpec:
+    """The spec frozen in a sweep directory (a ``sweeper.location.Location``, which may be remote).
+
+    Its reference rows are not checked against its grid again: they were checked against the file's own
+    grid when the sweep started, and a grid narrowed by ``--set`` leaves some of them without a variant
+    (the report leaves those out and says so)."""
+    return load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml", check_references=False)
+
+
 def load_spec_text(
-    text: str, source: str, overrides: list[str] = (), name: str | None = None, smoke: bool = False
+    text: str,
+    source: str,
+    overrides: list[str] = (),
+    name: str | None = None,
+    smoke: bool = False,
+    check_references: bool = True,
 ) -> LoadedSpec:
-    """``load_spec`` on text already read (a frozen spec in a sweep directory, which may be remote)."""
+    """``load_spec`` on text already read. ``check_references``: refuse a reference row that matches no
+    variant of the grid the text itself gives (before ``--set`` or ``smoke:`` narrow it)."""
     try:
         data = yaml.load(text, Loader=UniqueKeyLoader)
     except DuplicateKeyError as err:
@@ -491,6 +506,7 @@ def load_spec_text(
         if not isinstance(section, dict) or not section:
             raise SpecError(f"{source}: smoke: --smoke needs a 'smoke:' mapping of overrides in the spec")
         pairs = list(section.items()) + pairs
+    as_written = copy.deepcopy(data)
     for key, value in pairs:
         if key.startswith("grid.") and isinstance(data.get("grid", {}), dict):
             # Grid keys are themselves dotted paths: grid.model.mlp.width names one grid entry.
@@ -507,8 +523,25 @@ def load_spec_text(
     trials = expand(loaded)  # every grid point must be a valid trial before anything starts
     if spec.search is not None:
         check_search(loaded, trials)
-    check_reference(loaded, trials)
+    if check_references:
+        check_reference(loaded, _trials_of_written_grid(loaded, as_written, trials))
     return loaded
+
+
+def _trials_of_written_grid(
+    loaded: LoadedSpec, as_written: dict[str, Any], trials: list[PlannedTrial]
+) -> list[PlannedTrial]:
+    """The trials of the spec with the grid its text gives and every other override kept: reference rows
+    describe the paper's table, which a grid narrowed to try one variant first still belongs to. The
+    narrowed trials when the text's own grid is the same or does not expand on its own."""
+    written = as_written.get("grid", {})
+    if written == loaded.resolved.get("grid") or not isinstance(written, dict):
+        return trials
+    data = {**copy.deepcopy(loaded.resolved), "grid": written}
+    try:
+        return expand(LoadedSpec(SweepSpec.model_validate(data), loaded.path, data))
+    except (ValidationError, SpecError):
+        return trials
 
 
 def check_reference(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:

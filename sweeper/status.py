@@ -8,7 +8,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from sweeper.location import Location
-from sweeper.spec import expand, load_spec_text
+from sweeper.spec import expand, load_frozen_spec
 from sweeper.tracking import (
     SENTINEL,
     TAG_FAILURE,
@@ -23,7 +23,7 @@ from sweeper.tracking import (
 
 def sweep_status(sweep_dir: Location) -> dict[str, Any]:
     meta = json.loads(sweep_dir.read_text("sweep.json"))
-    loaded = load_spec_text(sweep_dir.read_text("spec.yaml"), f"{sweep_dir}/spec.yaml")
+    loaded = load_frozen_spec(sweep_dir)
     spec = loaded.spec
     client = MlflowClient(meta["tracking_uri"])
     runs = client.search_runs(

@@ -54,6 +54,41 @@ def test_a_reference_row_matching_no_variant_is_refused_naming_the_row():
         load_spec_text(SPEC + REFERENCE.replace("model.mlp.width", "model.mlp.height"), "x.yaml")
 
 
+def test_a_grid_narrowed_with_set_keeps_the_rows_of_the_files_own_grid():
+    """What a user does to try the baseline first: the rows describe the paper's table, which the spec
+    file's grid runs, so narrowing the grid with --set is no error; a row matching no variant of the
+    file's own grid still is, narrowed or not."""
+    narrow = ["grid.etf=[{depth: 0}]", "grid.seed=[0]"]
+    loaded = load_spec(ROOT / "search_spaces" / "etf_depth.yaml", narrow)
+    assert loaded.spec.grid["etf"] == [{"depth": 0}] and len(loaded.spec.reference) == 5
+    loaded = load_spec_text(SPEC + REFERENCE, "x.yaml", ["grid.etf=[{depth: 1}]"])
+    assert loaded.spec.grid["etf"] == [{"depth": 1}]
+    bad = SPEC + REFERENCE.replace("etf: {depth: 1}", "etf: {depth: 2}")
+    with pytest.raises(SpecError, match=r"x.yaml: reference\[1\].match: .*matches no variant"):
+        load_spec_text(bad, "x.yaml", ["grid.etf=[{depth: 0}]"])
+    # A --set that widens the grid to a row's variant does not make the file's row valid either.
+    with pytest.raises(SpecError, match=r"reference\[1\].match"):
+        load_spec_text(bad, "x.yaml", ["grid.etf=[{depth: 0}, {depth: 2}]"])
+
+
+def test_the_report_of_a_narrowed_sweep_leaves_absent_variants_out_in_one_line(tmp_path):
+    from sweeper.location import parse_location
+    from sweeper.orchestrate import prepare_sweep_dir
+    from sweeper.spec import load_frozen_spec
+
+    location = parse_location(tmp_path / "narrow")
+    narrowed = load_spec_text(SPEC + REFERENCE, "x.yaml", ["grid.etf=[{depth: 0}]"])
+    prepare_sweep_dir(narrowed, location, "sqlite:///unused.db")
+    frozen = load_frozen_spec(location)  # its grid runs one of the two rows' variants
+    base = 'etf={"depth":0}'
+    comparisons, left_out = reference_comparisons(frozen, [_record(base, a) for a in (0.89, 0.9, 0.91)])
+    assert {c["variant"] for c in comparisons} == {base} and len(comparisons) == 3
+    assert left_out == (
+        "Left out 1 of 2 reference rows, for variants this sweep's grid does not run (it was narrowed): "
+        'reference[1] ({"etf":{"depth":1},"model.mlp.width":8}).'
+    )
+
+
 def test_published_numbers_are_not_part_of_the_sweeps_identity():
     assert spec_hash(load_spec_text(SPEC, "x").resolved) == spec_hash(
         load_spec_text(SPEC + REFERENCE, "x").resolved
@@ -66,7 +101,9 @@ def test_comparisons_give_difference_and_flag_a_value_outside_two_sample_stds():
     # Base: test acc 0.89, 0.90, 0.91 -> mean 90, sample std 1: the paper's 90 is within.
     # ETF: 0.70, 0.71, 0.72 -> mean 71, std 1: the paper's 80 is 9 std away.
     records = [_record(base, a) for a in (0.89, 0.90, 0.91)] + [_record(etf, a) for a in (0.70, 0.71, 0.72)]
-    rows = {(c["variant"], c["column"]): c for c in reference_comparisons(loaded, records)}
+    comparisons, left_out = reference_comparisons(loaded, records)
+    assert left_out is None  # the grid runs every row's variant
+    rows = {(c["variant"], c["column"]): c for c in comparisons}
     assert set(rows) == {
         (base, "best_test_acc"),
         (base, "trainable_params"),
@@ -85,7 +122,7 @@ def test_comparisons_give_difference_and_flag_a_value_outside_two_sample_stds():
 
 def test_one_seed_or_none_says_so_instead_of_flagging():
     loaded = load_spec_text(SPEC + REFERENCE, "x.yaml")
-    rows = reference_comparisons(loaded, [_record('etf={"depth":0}', 0.5)])
+    rows, _ = reference_comparisons(loaded, [_record('etf={"depth":0}', 0.5)])
     by_variant = {(c["variant"], c["column"]): c for c in rows}
     one = by_variant[('etf={"depth":0}', "best_test_acc")]
     assert one["n"] == 1 and one["difference"] == pytest.approx(40.0)
