@@ -13,6 +13,11 @@ In order, each at the previous step's choice:
    lowest time per trial step, every slot of the node busy.
 
 A larger setting wins only when it is more than 5% faster (trainables.calibrate.TIE), so a tie goes to 1.
+Bundle sizes are timed only when that can pay off: if timing them would cost more than :data:`PAYOFF` of
+the sweep's estimated training time, ``auto`` is 1 and the notice says why (a 10-epoch sweep of seed
+000's MLP took 71.7 s with ``auto`` against 61.4 s with 1, all of it measuring). When ``bundle`` is the
+only setting to time, that is judged before any timer actor starts, from a short timing of one trial's
+step in the driver's process (:meth:`Timers.estimate`); otherwise from bundle 1's own timing.
 The choice is frozen in the sweep directory (``calibration.json``) on first run, so a resumed sweep keeps
 the Tune trial layout it started with; timings are also cached in the storage (``calibration-cache.json``)
 by model, input shape, batch size, device, torch version and candidates, so a second sweep of the same
@@ -41,6 +46,14 @@ WINDOW_S = 1.5
 """Seconds each setting is timed for (several hundred steps of a small model)."""
 GPU_MEMORY_USE = 0.9
 """Share of a GPU's memory the trials packed on it may be estimated to need."""
+PAYOFF = TIE
+ACTOR_START_S = 5.0
+"""What starting the timer actors costs before the first timing (they import torch): 8.3 s went to start,
+identity and one WINDOW_S timing on this project's 2-core machine."""
+ESTIMATE_S = 0.2
+"""Seconds of the in-process timing that estimates a sweep's training time (:meth:`Timers.estimate`)."""
+"""Largest share of the sweep's estimated training time that timing bundle sizes may cost: a size wins
+only when it is TIE faster, so timings that cost more than that are not sure to pay for themselves."""
 
 
 def auto_fields(loaded: LoadedSpec) -> list[str]:
@@ -75,6 +88,10 @@ class Timers(Protocol):
     def time(self, cfg: TrialConfig, members: int, together: int, cpu: float, gpu: float) -> float:
         """Seconds per trial step on one node with ``together`` trial slots busy side by side, each
         training ``members`` trials of ``cfg`` stacked, with ``cpu`` cores and ``gpu`` of a GPU apiece."""
+
+    def estimate(self, cfg: TrialConfig, threads: int) -> tuple[float, float]:
+        """Seconds per training step of one lone trial of ``cfg`` with ``threads`` torch threads, and the
+        seconds it took to prepare and time it: a quick figure, before any timer runs on a node."""
 
     def close(self) -> None: ...
 
@@ -147,6 +164,9 @@ class Calibrator:
         self.cfg = representative
         self.bundle_cap = bundle_cap
         self.timings: dict[str, dict[str, float]] = {}
+        self.skipped: tuple[int, float, float] | None = None
+        """Bundle sizes not timed because they could not pay off: (sizes, their estimated cost in s, the
+        sweep's estimated training time in s)."""
 
     # ---- the steps ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -158,6 +178,20 @@ class Calibrator:
             cpu = 1.0 if spec_cpu == "auto" else spec_cpu
             return {"bundle": self.spec.bundle, "cpu": cpu, "gpu": 0.0, "reason": "; ".join(self.notices)}
         started = time.perf_counter()
+        if self._bundle_only_and_short():
+            cpu = self.spec.resources.cpu
+            gpu = 0.0 if self.gpu_setting == "auto" else self.gpu_setting
+            measuring_s = round(time.perf_counter() - started, 1)
+            reason = self._reason(1, cpu, gpu, "the driver's process") + f"; measuring took {measuring_s:g} s"
+            return {
+                "bundle": 1,
+                "cpu": cpu,
+                "gpu": gpu,
+                "timings_s_per_trial_step": self.timings,
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "measuring_s": measuring_s,
+                "reason": "; ".join(self.notices + [reason]),
+            }
         identity = self.timers.identity(self.on_gpu)
         key = self._cache_key(identity)
         cache = _read_cache(self.storage)
@@ -166,6 +200,7 @@ class Calibrator:
         per_gpu, cpu = self._concurrency(identity)
         bundle = self._bundle(per_gpu, cpu, identity) if self.spec.bundle == "auto" else self.spec.bundle
         gpu = (1 / per_gpu if per_gpu else 0.0) if self.gpu_setting == "auto" else self.gpu_setting
+        measuring_s = round(time.perf_counter() - started, 1)
         record = {
             "bundle": bundle,
             "cpu": cpu,
@@ -175,8 +210,9 @@ class Calibrator:
             "node_cpus": self.node_cpus,
             "timings_s_per_trial_step": self.timings,
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "measuring_s": round(time.perf_counter() - started, 1),
-            "reason": self._reason(bundle, cpu, gpu, identity["device"]),
+            "measuring_s": measuring_s,
+            "reason": self._reason(bundle, cpu, gpu, identity["device"])
+            + f"; measuring took {measuring_s:g} s",
         }
         cache[key] = record
         _write_cache(self.storage, cache)
@@ -213,13 +249,46 @@ class Calibrator:
             return spec_cpu
         return max(1, self.node_cpus // max(1, per_gpu * self.node_gpus))
 
+    def _bundle_cap(self, per_gpu: int, cpu: float) -> int:
+        """The size `auto` gave before it measured (one bundle per trial slot): the largest one timed."""
+        resolved = {"cpu": cpu, "gpu": 1 / per_gpu if per_gpu else 0.0, "bundle": "auto"}
+        total = {"CPU": self.node_cpus * self.nodes, "GPU": self.node_gpus * self.nodes}
+        return self.bundle_cap(apply(self.loaded, resolved), total)
+
+    def _bundle_only_and_short(self) -> bool:
+        """Whether ``bundle`` is the only setting to time and timing it cannot pay off, judged from an
+        in-process estimate before any timer actor starts (sets :attr:`skipped`). A driver slower than the
+        trials' nodes (a GPU sweep from a CPU login node) overestimates the sweep, so it times as before."""
+        spec = self.spec
+        if (
+            spec.bundle != "auto"
+            or spec.resources.cpu == "auto"
+            or (self.on_gpu and self.gpu_setting == "auto")
+        ):
+            return False
+        per_gpu, cpu = self._concurrency({})
+        cap = self._bundle_cap(per_gpu, cpu)
+        if cap == 1:
+            return False  # nothing to time
+        together = per_gpu if per_gpu else max(1, round(self.node_cpus / cpu))
+        step_s, prepare_s = self.timers.estimate(self.cfg, max(1, int(cpu)))
+        self.timings["estimate"] = {"1": step_s / together}
+        sizes = len(_doublings(cap))
+        return not self._pays_off(sizes, ACTOR_START_S + sizes * (prepare_s + WINDOW_S), step_s / together)
+
+    def _pays_off(self, sizes: int, cost_s: float, node_s_per_step: float) -> bool:
+        """Whether timing ``sizes`` bundle sizes for ``cost_s`` seconds costs at most PAYOFF of the sweep's
+        estimated training time (else :attr:`skipped` records why not)."""
+        training_s = self._training_s(node_s_per_step)
+        if cost_s <= PAYOFF * training_s:
+            return True
+        self.skipped = (sizes, cost_s, training_s)
+        return False
+
     def _bundle(self, per_gpu: int, cpu: float, identity: dict[str, Any]) -> int:
         from trainables.memory import estimate_bytes
 
-        # The size `auto` gave before it measured (one bundle per trial slot) is the upper bound.
-        resolved = {"cpu": cpu, "gpu": 1 / per_gpu if per_gpu else 0.0, "bundle": "auto"}
-        total = {"CPU": self.node_cpus * self.nodes, "GPU": self.node_gpus * self.nodes}
-        cap = self.bundle_cap(apply(self.loaded, resolved), total)
+        cap = self._bundle_cap(per_gpu, cpu)
         if cap == 1:
             return 1
         together = per_gpu if per_gpu else max(1, round(self.node_cpus / cpu))
@@ -230,9 +299,31 @@ class Calibrator:
         else:
             budget = 0.5 * identity["memory"] / together
         sizes = [b for b in _doublings(cap) if b == 1 or estimate_bytes(self.cfg, b) <= budget]
-        seconds = {b: self.timers.time(self.cfg, b, together, cpu, gpu_share) for b in sizes}
+        started = time.perf_counter()
+        seconds = {1: self.timers.time(self.cfg, 1, together, cpu, gpu_share)}
+        # What one more size costs, from what the first cost (a pessimistic figure when the first
+        # started the timer actors too: the other sizes reuse them).
+        each_s = time.perf_counter() - started
+        rest = sizes[1:]
+        if not self._pays_off(len(rest), len(rest) * each_s, seconds[1]):
+            self.timings["bundle"] = {"1": seconds[1]}
+            return 1
+        seconds.update({b: self.timers.time(self.cfg, b, together, cpu, gpu_share) for b in rest})
         self.timings["bundle"] = {str(b): s for b, s in seconds.items()}
         return choose(seconds)
+
+    def _training_s(self, node_s_per_step: float) -> float:
+        """The sweep's training time at bundle 1, estimated from the node time per trial step: every trial's
+        steps (epochs x batches per epoch; metric passes left out), shared by the nodes."""
+        from trainables.loop import batch_starts
+        from trainables.memory import split_sizes
+
+        runs = self.spec.search.optuna.trials_per_cell if self.spec.search else 1
+        steps = sum(
+            t.config.train.epochs * len(batch_starts(split_sizes(t.config)[0], t.config.train.batch_size))
+            for t in self.trials
+        )
+        return node_s_per_step * steps * runs / self.nodes
 
     # ---- records --------------------------------------------------------------------------------------
     def _cache_key(self, identity: dict[str, Any]) -> str:
@@ -266,10 +357,21 @@ class Calibrator:
             if name in self.timings:
                 chosen = round(1 / gpu) if name == "trials_per_gpu" else round(self.node_cpus / cpu)
                 parts.append(f"{chosen} {label} ({_compare(self.timings[name], chosen)})")
-        if "bundle" in self.timings:
+        if self.skipped is not None:
+            sizes, cost, training = self.skipped
+            parts.append(
+                f"bundle 1 (not timed: {sizes} size(s) would take ~{cost:.1f} s, over {PAYOFF:.0%} of the "
+                f"sweep's ~{training:.0f} s of training at 1, so cannot pay off)"
+            )
+        elif "bundle" in self.timings:
             parts.append(f"bundle {bundle} ({_compare(self.timings['bundle'], bundle)})")
         elif self.spec.bundle == "auto":
             parts.append("bundle 1 (one trial per slot already fills the slots)")
+        if "estimate" in self.timings:  # nothing was timed on a node
+            step = self.timings["estimate"]["1"]
+            return (
+                f"{', '.join(parts)}: from {step * 1e3:.3g} ms of node time per trial step, timed in {device}"
+            )
         return (
             f"{', '.join(parts)}: node time per trial step, timed on {where}; a larger setting must be "
             f"{TIE:.0%} faster"
@@ -288,6 +390,19 @@ class RayTimers:
 
         (actor,) = self._pool(1, 1, 1.0 if gpu else 0.0)
         return ray.get(actor.identity.remote())
+
+    def estimate(self, cfg: TrialConfig, threads: int) -> tuple[float, float]:
+        """In the driver's process, with its torch threads restored afterwards."""
+        import torch
+
+        from trainables.calibrate import StepTimer
+
+        started, before = time.perf_counter(), torch.get_num_threads()
+        try:
+            step_s = StepTimer(cfg, 1, threads).time(ESTIMATE_S)
+        finally:
+            torch.set_num_threads(before)
+        return step_s, time.perf_counter() - started
 
     def time(self, cfg: TrialConfig, members: int, together: int, cpu: float, gpu: float) -> float:
         import ray

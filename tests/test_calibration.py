@@ -1,13 +1,14 @@
 """``auto`` settings chosen by measurement (sweeper.calibration, trainables.calibrate).
 
 The choices are tested with timers whose timings the test sets (bundling slower, bundling faster, ties,
-concurrency, GPU packing), the caching and the resume rule with a timer that counts its calls, and the
-real timer on a real launch-bound model; a real sweep with ``bundle: auto`` runs at the measured size and
-says so on its parent run."""
+concurrency, GPU packing, timings that cannot pay off), the caching and the resume rule with a timer that
+counts its calls, and the real timer on a real launch-bound model; a short real sweep with ``bundle: auto``
+skips the timings that cannot pay off and says so on its parent run."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,20 +25,29 @@ from trainables.calibrate import TIE, StepTimer, choose
 BASE = {
     "name": "cal",
     "dataset": "gaussian",
-    "data": {"gaussian": {"classes": 3, "dim": 4, "train_per_class": 30, "test_per_class": 10}},
+    "data": {"gaussian": {"classes": 3, "dim": 4, "train_per_class": 300, "test_per_class": 10}},
     "model": {"mlp": {"depth": 2, "width": 4, "batchnorm": False}},
-    "train": {"epochs": 1, "batch_size": 4},
+    "train": {"epochs": 300, "batch_size": 4},
     "grid": {"seed": list(range(16))},
 }
+"""16 trials of 300 epochs of 225 steps: a sweep long enough that timing pays off (at 1 ms per step, 9
+minutes of node time against ~11 s of timing)."""
+SHORT = BASE | {
+    "data": {"gaussian": {"classes": 3, "dim": 4, "train_per_class": 30, "test_per_class": 10}},
+    "train": {"epochs": 1, "batch_size": 4},
+}
+"""The same trials for one epoch of 22 steps: the short sweep a user starts with."""
 
 
 class SetTimers:
     """Timings the test decides: ``per_step(members, together, cpu, gpu)`` is the seconds of one step of
     one slot (``members`` trials stacked); the calibration gets per-trial seconds on the node from it."""
 
-    def __init__(self, per_step, device="Test CPU", torch_version="9.9", gpu_memory=0):
+    def __init__(self, per_step, device="Test CPU", torch_version="9.9", gpu_memory=0, cost_s=0.0):
         self.per_step = per_step
+        self.cost_s = cost_s  # the wall time one measurement takes
         self.calls: list[tuple[int, int, float, float]] = []
+        self.estimates = 0
         self.info = {"device": device, "torch": torch_version, "gpu_memory": gpu_memory, "memory": 64 << 30}
 
     def identity(self, gpu):
@@ -45,7 +55,12 @@ class SetTimers:
 
     def time(self, cfg, members, together, cpu, gpu):
         self.calls.append((members, together, cpu, gpu))
+        time.sleep(self.cost_s)
         return self.per_step(members, together, cpu, gpu) / members / together
+
+    def estimate(self, cfg, threads):
+        self.estimates += 1
+        return self.per_step(1, 1, threads, 0.0), self.cost_s
 
     def close(self):
         pass
@@ -94,6 +109,36 @@ def test_bundling_faster_picks_the_fastest_size(tmp_path):
     loaded, record = resolve(tmp_path, BASE | {"bundle": "auto", "resources": {"cpu": 1}}, timers)
     assert record["bundle"] == 8 and loaded.spec.bundle == 8
     assert set(record["timings_s_per_trial_step"]["bundle"]) == {"1", "2", "4", "8"}
+
+
+def test_bundle_sizes_are_timed_only_when_that_can_pay_off(tmp_path):
+    """SHORT: 16 trials of 22 steps at 0.55 ms of node time each, ~0.2 s of training, against ~11 s to
+    start the timers and time 4 sizes: bundle 1, decided before any timer starts. BASE (300 epochs of 225
+    steps, ~10 minutes): every size is timed and bundling wins."""
+    launch_bound = lambda b, k, cpu, gpu: 1e-3 * (1 + 0.1 * b)  # noqa: E731 (bundling would win)
+    short = SetTimers(launch_bound, cost_s=0.1)
+    loaded, record = resolve(tmp_path, SHORT | {"bundle": "auto", "resources": {"cpu": 1}}, short, sweep="a")
+    assert loaded.spec.bundle == 1 and record["bundle"] == 1
+    assert short.calls == [] and short.estimates == 1  # no timer actor was needed
+    assert (
+        "bundle 1 (not timed: 4 size(s) would take ~11.4 s, over 5% of the sweep's ~0 s" in record["reason"]
+    )
+    assert f"measuring took {record['measuring_s']:g} s" in record["reason"]
+    long = SetTimers(launch_bound, cost_s=0.1, device="Other CPU")
+    loaded, record = resolve(tmp_path, BASE | {"bundle": "auto", "resources": {"cpu": 1}}, long, sweep="b")
+    assert loaded.spec.bundle == 8 and [c[0] for c in long.calls] == [1, 2, 4, 8]
+    assert "measuring took" in record["reason"]
+
+
+def test_with_other_settings_timed_too_bundle_1s_timing_decides_whether_the_rest_pay_off(tmp_path):
+    """resources.cpu: auto starts the timers anyway: bundle 1 is timed, and its 0.1 s per size against
+    ~0.2 s of training stops there."""
+    timers = SetTimers(lambda b, k, cpu, gpu: 1e-3 * (1 + 0.1 * b), cost_s=0.1)
+    loaded, record = resolve(tmp_path, SHORT | {"bundle": "auto", "resources": {"cpu": "auto"}}, timers)
+    assert loaded.spec.bundle == 1 and timers.estimates == 0
+    assert [c[0] for c in timers.calls if c[0] > 1] == []  # only members=1: concurrency and bundle 1
+    assert record["timings_s_per_trial_step"]["bundle"].keys() == {"1"}
+    assert "bundle 1 (not timed: 3 size(s) would take ~0.3 s" in record["reason"]
 
 
 def test_explicit_bundle_is_kept_and_only_concurrency_is_timed(tmp_path):
@@ -165,12 +210,19 @@ class InProcessTimers(SetTimers):
         self.calls.append((members, together, cpu, gpu))
         return StepTimer(cfg, members, threads=1).time(0.3)
 
+    def estimate(self, cfg, threads):
+        self.estimates += 1
+        return calibration.RayTimers().estimate(cfg, threads)  # the real one: in this process
+
 
 def test_a_launch_bound_model_is_bundled_by_its_real_timings(tmp_path):
     """A 4-wide MLP on batches of 4 costs a lone trial Python and launches per step, which a bundle
     shares: measured 350 vs 145 us per trial step for 1 vs 8 (2.4x) on 2-core Xeon and EPYC machines."""
     timers = InProcessTimers()
+    # An hour of training at bundle 1 (9,000 samples): worth the timings (BASE's 2 minutes of this toy
+    # model are not: ~14 s of timing is more than 5% of them).
     spec = BASE | {"bundle": "auto", "resources": {"cpu": 1}}
+    spec["data"] = {"gaussian": {"classes": 3, "dim": 4, "train_per_class": 3000, "test_per_class": 10}}
     loaded, record = resolve(tmp_path, spec, timers, nodes=[{"CPU": 1}])
     timings = record["timings_s_per_trial_step"]["bundle"]
     assert set(timings) == {"1", "2", "4", "8", "16"}
@@ -178,7 +230,10 @@ def test_a_launch_bound_model_is_bundled_by_its_real_timings(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_with_auto_runs_at_the_measured_size_and_says_why(tmp_path, local_ray):
+def test_a_short_sweep_with_auto_skips_timing_that_cannot_pay_off_and_says_why(tmp_path, local_ray):
+    """The short sweep a user starts with: the driver times one trial's step in its own process, finds that
+    timing bundle sizes on the real Ray timers cannot pay off, starts none, and the parent run says why
+    and how long it took."""
     spec = {
         "name": "cal-sweep",
         "experiment": "cal-sweep",
@@ -199,17 +254,15 @@ def test_a_sweep_with_auto_runs_at_the_measured_size_and_says_why(tmp_path, loca
     assert [o.status for o in result.outcomes] == ["FINISHED"] * 4
     sweep_dir = tmp_path / "sweeps" / "cal-sweep"
     record = json.loads((sweep_dir / "calibration.json").read_text())
-    timings = record["timings_s_per_trial_step"]["bundle"]
-    assert set(timings) == {"1", "2"}  # 4 trials on the fixture's 2 one-CPU slots: at most 2 per bundle
-    assert record["bundle"] == choose({int(k): v for k, v in timings.items()})
-    # One checkpoint file per Tune trial: the bundles the calibration chose.
+    # 4 trials on the fixture's 2 one-CPU slots allow bundles of 2: not worth starting timers for.
+    assert record["bundle"] == 1 and set(record["timings_s_per_trial_step"]) == {"estimate"}
+    assert "bundle 1 (not timed: 2 size(s)" in record["reason"] and "no GPU" in record["reason"]
+    assert f"measuring took {record['measuring_s']:g} s" in record["reason"]
     files = sorted(p.name for p in (sweep_dir / "checkpoints").iterdir())
-    bundles = [f for f in files if f.startswith("bundle-")]
-    assert len(files) == 4 // record["bundle"] and (len(bundles) == len(files)) == (record["bundle"] > 1)
+    assert len(files) == 4 and not any(f.startswith("bundle-") for f in files)  # one Tune trial each
     client = MlflowClient(uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["sweeper.calibration"] == record["reason"]
-    assert f"bundle {record['bundle']} (" in record["reason"] and "no GPU" in record["reason"]
     logged = json.loads(Path(client.download_artifacts(result.parent_run_id, "calibration.json")).read_text())
     assert logged["timings_s_per_trial_step"] == record["timings_s_per_trial_step"]
 
