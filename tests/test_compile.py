@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import trainables.loop
-from tests.test_bundle import VARIANTS, Recorder, _assert_same_history, _cfg
+from tests.test_bundle import VARIANTS, Recorder, _assert_same_history, _cfg, _perturbed_histories
 from trainables.loop import Trainer
 
 
@@ -35,7 +35,8 @@ def test_compiled_step_trains_as_eager(monkeypatch, variant):
     compiled = Recorder()
     trainer.run(compiled)
     assert trainer.compiled_loss is not None  # it really trained compiled, to the end
-    _assert_same_history(eager.rows, compiled.rows)
+    # A compiled step reorders sums: within what one-ulp changes of the eager trial's start move it.
+    _assert_same_history(eager.rows, _perturbed_histories(_cfg(variant)), compiled.rows)
     # The gaussian split's 120 samples in batches of 16 end in a batch of 8: two static-shape graphs.
     assert len(graphs) >= 2
     if "etf" in variant:
@@ -57,7 +58,7 @@ def test_a_step_that_fails_to_compile_trains_eagerly(monkeypatch, capsys):
     trainer.run(fallback)
     assert trainer.compiled_loss is None
     assert "compiled training step failed, training eagerly" in capsys.readouterr().err
-    _assert_same_history(eager.rows, fallback.rows)
+    _assert_same_history(eager.rows, _perturbed_histories(_cfg(VARIANTS[0])), fallback.rows)
 
 
 def test_compile_auto_is_off_on_cpu():
