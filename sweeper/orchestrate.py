@@ -607,6 +607,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep):
         metric=loaded.spec.objective.metric,
         mode=loaded.spec.objective.mode,
         bundle=members_per_trial(loaded, trials, _trial_slots(loaded)),
+        experiment=sweep.sweep_dir.child(TUNE_DIR).uri,
     )
 
 

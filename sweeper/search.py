@@ -6,7 +6,8 @@ directory by default, any SQLAlchemy URL such as Postgres) and drives them with 
 
 Resume consistency (Ray's ``OptunaSearch`` with a database crashed on restore, ``UpdateFinishedTrialError``,
 when a trial finished after Tune's last snapshot). The storage is the source of truth for what finished;
-Tune's snapshot holds this searcher's map of live Tune trials to study trials. After a driver kill:
+Tune's snapshot of its trial table is the source of truth for which Tune trials will run again, and each
+Tune trial's config names its study trials (its point's tags). After a driver kill:
 - a study trial that finished before the kill is COMPLETE in storage, whatever the snapshot says; a Tune
   trial replayed for it finds its MLflow run FINISHED, trains nothing, and its result is not told twice;
 - a study trial asked after the last snapshot is RUNNING in storage but unknown to the restored Tune:
@@ -14,6 +15,11 @@ Tune's snapshot holds this searcher's map of live Tune trials to study trials. A
   and it does not count toward the cell's budget, so the cell asks again;
 - every other trial counts, so each cell ends with exactly ``trials_per_cell`` counted trials and none
   RUNNING.
+The searcher's own snapshot (its map of live Tune trials) is not trusted on restore: Tune writes its trial
+table first and the searcher's state second, so a kill between the two left a Tune trial that would run
+again and finish while the searcher had orphaned its study trial (the cell then ran one trial too many),
+or a finished Tune trial the searcher still waited for (the sweep never ended). The map is rebuilt from
+Tune's trial table instead (:func:`tune_trials_to_rerun`).
 
 Trial bundles (``bundle`` in the spec, trainables.bundle): one Tune trial trains several study trials as
 one stacked model. The searcher asks them together, from cells whose trials may share a bundle (the same
@@ -24,6 +30,8 @@ throughput: ``auto`` keeps each study hearing back in at least :data:`AUTO_ROUND
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import math
 import pickle
@@ -35,7 +43,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from sweeper.points import BundlePoint, TrialPoint
+from sweeper.location import parse_location
+from sweeper.points import BundlePoint, TrialPoint, point_from_dict
 from sweeper.tracking import TAG_BEST_PREFIX, TAG_FAILURE, TAG_STUDY, TAG_STUDY_TRIAL, TAG_SWEEP, TAG_TRIAL
 
 ORPHANED = "sweeper.orphaned"
@@ -75,6 +84,39 @@ def study_name(sweep_id: str, cell_key: str) -> str:
     return f"{sweep_id}/{cell_key}"
 
 
+TUNE_SNAPSHOT = "experiment_state-*.json"
+"""Tune's trial table (``TuneController.CKPT_FILE_TMPL``): one file per driver session, named by its start
+time, so the greatest name is the newest, which is the one ``Tuner.restore`` loads."""
+
+
+def tune_trials_to_rerun(experiment: str) -> dict[str, dict[str, Any]] | None:
+    """Tune trial id -> its point (as a dict), for every trial of the Tune experiment's newest snapshot
+    that a restore runs again (all but TERMINATED: the sweep resumes errored trials too); None when the
+    experiment has no snapshot yet."""
+    import pyarrow.fs as pafs
+
+    location = parse_location(experiment)
+    infos = location.fs.get_file_info(pafs.FileSelector(location.path, allow_not_found=True))
+    for name in sorted(fnmatch.filter([info.base_name for info in infos], TUNE_SNAPSHOT), reverse=True):
+        try:
+            state = json.loads(location.read_text(name))
+        except ValueError:
+            # This session's first table, half copied into place by Tune's background sync: it holds the
+            # trials of the one restored from, which is the next newest.
+            continue
+        return _rerun(state)
+    return None
+
+
+def _rerun(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json)
+        if trial["status"] != "TERMINATED":
+            out[trial["trial_id"]] = trial["config"]["point"]
+    return out
+
+
 class CellSearcher(Searcher):
     """Suggests trial configs for every grid cell from that cell's own Optuna study.
 
@@ -82,7 +124,8 @@ class CellSearcher(Searcher):
     config as a dict), ``data_root`` and ``group`` (cells of one group may share a bundle). ``space``:
     dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune trial
     (sweeper.points.BundlePoint); the objective is then told per member, from the bundle's
-    ``m<i>:<metric>`` results.
+    ``m<i>:<metric>`` results. ``experiment``: Tune's experiment directory (a path or URI), whose trial
+    table tells a restored searcher which Tune trials will run again.
     """
 
     def __init__(
@@ -99,6 +142,7 @@ class CellSearcher(Searcher):
         metric: str,
         mode: str,
         bundle: int = 1,
+        experiment: str | None = None,
     ) -> None:
         # Tune checks that every result holds the searcher's metric; a bundle's results hold it per member
         # (m0:test_acc, ...), so bundled searchers keep the objective to themselves.
@@ -113,6 +157,7 @@ class CellSearcher(Searcher):
         self.max_concurrent = max_concurrent
         self.storage_url = storage_url
         self.sweep = sweep
+        self.experiment = experiment
         # Tune trial id -> its (cell index, study trial number) members: one, or a bundle's.
         self.live: dict[str, list[tuple[int, int]]] = {}
         self._studies: dict[int, optuna.Study] = {}
@@ -146,7 +191,12 @@ class CellSearcher(Searcher):
         return [t for t in self.study(index).get_trials(deepcopy=False) if not t.user_attrs.get(ORPHANED)]
 
     def _reconcile(self) -> None:
-        """Mark study trials RUNNING in storage but unknown to this (restored) searcher as orphans."""
+        """Take the live Tune trials from Tune's own snapshot, then mark study trials RUNNING in storage
+        but in none of them as orphans."""
+        experiment = getattr(self, "experiment", None)  # searchers pickled before it was kept
+        rerun = tune_trials_to_rerun(experiment) if experiment else None
+        if rerun is not None:
+            self.live = {trial_id: self._members(point) for trial_id, point in rerun.items()}
         known = {member for members in self.live.values() for member in members}
         for index in range(len(self.cells)):
             study = self.study(index)
@@ -157,6 +207,13 @@ class CellSearcher(Searcher):
                 study.tell(trial.number, state=TrialState.FAIL)
                 self._kill_run(index, trial.number)
         self._reconciled = True
+
+    def _members(self, point: dict[str, Any]) -> list[tuple[int, int]]:
+        """A Tune trial's (cell index, study trial number) members, from the point this searcher gave it."""
+        cells = {study_name(self.sweep["sweep_id"], cell["key"]): i for i, cell in enumerate(self.cells)}
+        parsed = point_from_dict(point)
+        points = parsed.members if isinstance(parsed, BundlePoint) else (parsed,)
+        return [(cells[p.tags[TAG_STUDY]], int(p.tags[TAG_STUDY_TRIAL])) for p in points]
 
     def _kill_run(self, index: int, number: int) -> None:
         from mlflow.tracking import MlflowClient
@@ -227,6 +284,8 @@ class CellSearcher(Searcher):
         )
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not self._reconciled:
+            self._reconcile()  # a restored trial can end before Tune first asks for a new one
         members = self.live.pop(trial_id, [])
         result = result or {}
         for i, (index, number) in enumerate(members):

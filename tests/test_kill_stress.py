@@ -6,6 +6,9 @@ checkpoint being written. Only the driver is killed: what its Ray instance leave
 by the next run from the PIDs it recorded (sweeper.local_ray). At the end every planned trial has exactly
 one FINISHED child run with epochs 1..E, none is FAILED or RUNNING, and no process of a killed driver is
 alive. ``SWEEPER_STRESS_SEED`` replays a failing schedule; each resume's findings are printed (-s).
+
+One kill is placed, not drawn: between Tune's two snapshot writes (its trial table, then the searcher's
+state), which the random kills hit about once in ten runs.
 """
 
 from __future__ import annotations
@@ -195,6 +198,7 @@ def _seed() -> int:
 
 def test_bundled_sweep_survives_driver_sigkills_at_random_instants(tmp_path):
     seed = _seed()
+    print(f"SWEEPER_STRESS_SEED={seed} (set it to replay this run)")  # shown with a failure
 
     def planned(client, _):
         finished = _check_runs(client, GRID["train"]["epochs"], 4)
@@ -211,6 +215,7 @@ def test_searched_sweep_survives_driver_sigkills_at_random_instants(tmp_path):
     from tests.test_search import _studies
 
     seed = _seed()
+    print(f"SWEEPER_STRESS_SEED={seed} (set it to replay this run)")  # shown with a failure
 
     def planned(client, tmp):
         finished = _check_runs(client, SEARCH["train"]["epochs"], 6)
@@ -227,3 +232,41 @@ def test_searched_sweep_survives_driver_sigkills_at_random_instants(tmp_path):
 
     found = _stress(tmp_path, SEARCH, random.Random(seed), planned)
     print(f"\nsearched sweep, SWEEPER_STRESS_SEED={seed}:\n  " + "\n  ".join(found))
+
+
+def test_searched_sweep_killed_between_tunes_trial_table_and_searcher_state(tmp_path):
+    """Tune writes its trial table, then the searcher's state. A kill between the two leaves the searcher's
+    snapshot older: here it is rewound to before the first ask, with Tune's table holding trials to run
+    again. Each cell must still end with exactly its budget of study trials and MLflow runs."""
+    import pickle
+
+    from sweeper.search import tune_trials_to_rerun
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(SEARCH))
+    uri = mlflow_uri(tmp_path)
+    tune = tmp_path / "sweeps" / SEARCH["name"] / "tune"
+    driver = Driver(tmp_path, spec_path, uri)
+    final = None
+    try:
+        while not (
+            tune.exists() and list(tune.glob("searcher-state-*.pkl")) and tune_trials_to_rerun(str(tune))
+        ):
+            assert driver.watch() and time.monotonic() - driver.started < 240, "no trial in Tune's table"
+            time.sleep(0.05)
+        driver.kill()
+        for state in tune.glob("searcher-state-*.pkl"):
+            state.write_bytes(pickle.dumps({"live": {}}))
+        final = Driver(tmp_path, spec_path, uri)
+        while final.watch():
+            assert time.monotonic() - final.started < 300, "the resumed run did not end in 5 minutes"
+            time.sleep(0.2)
+        final.log.close()
+        assert final.process.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
+        _check_runs(MlflowClient(uri), SEARCH["train"]["epochs"], 6)
+        from tests.test_search import _check_exact_budget
+
+        _check_exact_budget(f"sqlite:///{tune.parent / 'optuna.db'}", uri, experiment="stress")
+    finally:
+        for pid in driver.alive_left() + (final.alive_left() if final else []):
+            kill_tree(pid)

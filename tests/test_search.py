@@ -47,7 +47,7 @@ def _studies(storage_url):
     }
 
 
-def _check_exact_budget(storage_url, uri, cells=2, budget=3):
+def _check_exact_budget(storage_url, uri, cells=2, budget=3, experiment="search-test"):
     studies = _studies(storage_url)
     assert len(studies) == cells
     for study in studies.values():
@@ -56,7 +56,7 @@ def _check_exact_budget(storage_url, uri, cells=2, budget=3):
         assert all(t.state == TrialState.COMPLETE for t in counted), [t.state for t in counted]
         assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("search-test")
+    exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -210,3 +210,45 @@ def test_search_space_is_validated_against_the_model(tmp_path):
     clash = {**SPEC, "search": {**SPEC["search"], "space": {"etf": {"choice": [{"depth": 1}]}}}}
     with pytest.raises(SpecError, match="etf is both searched and in the grid"):
         load_spec(_write(tmp_path, clash))
+
+
+def _tune_snapshot(folder, session, trials):
+    """Tune's trial table as ``Tuner.restore`` reads it (the fields the searcher uses, in Tune's layout:
+    each trial a JSON string beside its run metadata)."""
+    import json
+
+    folder.mkdir(exist_ok=True)
+    data = [
+        [json.dumps({"trial_id": tid, "status": status, "config": {"point": point}}), {}]
+        for tid, status, point in trials
+    ]
+    (folder / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": data}))
+
+
+def test_restored_searcher_takes_live_trials_from_tunes_trial_table_not_its_own_snapshot(tmp_path):
+    # Tune writes its trial table, then the searcher's state: a driver killed between the two leaves a
+    # searcher snapshot older than the table. The searcher must follow the table.
+    tune = tmp_path / "tune"
+    searcher = _searcher(tmp_path, experiment=str(tune))
+    a = searcher.suggest("a")["point"]
+    searcher.save(str(tmp_path / "snapshot.pkl"))  # the searcher's last snapshot: only "a" live
+    b = searcher.suggest("b")["point"]  # asked after it, but in Tune's table
+    _tune_snapshot(tune, "2026-01-01_00-00-00", [("a", "RUNNING", a)])  # an older session's table
+    _tune_snapshot(tune, "2026-01-02_00-00-00", [("a", "TERMINATED", a), ("b", "PENDING", b)])
+    # The resumed session's own first table, caught half copied into place: the one restored from counts.
+    (tune / "experiment_state-2026-01-03_00-00-00.json").write_text('{"trial_data": [["{\\"trial_id')
+    searcher.on_trial_complete("a", {f"m{i}:test_acc": 0.5 for i in range(4)})  # "a" ended before the kill
+
+    restored = _searcher(tmp_path, experiment=str(tune))
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    # "a" ended (Tune will not run it again) and "b" will run again: c2's study trials are b's, not orphans,
+    # and the concurrency limit counts b alone.
+    assert restored.suggest("c") is not None
+    c2 = restored.study(2).trials
+    assert [t.state for t in c2] == [TrialState.RUNNING] * 3 and not any(t.user_attrs for t in c2)
+    assert set(restored.live) == {"b", "c"}
+    restored.on_trial_complete("b", {"m0:test_acc": 0.25, "m1:test_acc": 0.5, "m2:test_acc": 0.75})
+    assert [t.value for t in restored.study(2).trials] == [0.25, 0.5, 0.75]
+    # Every cell is now asked to its budget; once "c" ends the search is finished.
+    restored.on_trial_complete("c", {f"m{i}:test_acc": 0.5 for i in range(4)})
+    assert restored.suggest("d") == restored.FINISHED
