@@ -18,6 +18,13 @@ from sweeper.spec import SpecError, _short, load_frozen_spec, load_spec
 EXIT_BAD_INPUT = 2
 
 
+def _unreachable() -> tuple[type[Exception], ...]:
+    from sweeper.orchestrate import RayUnreachable
+    from sweeper.tracking import TrackingUnreachable
+
+    return RayUnreachable, TrackingUnreachable
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", type=Path, help="sweep spec (YAML)")
     p.add_argument(
@@ -33,24 +40,49 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+ENVIRONMENT = """environment:
+  MLFLOW_TRACKING_URI       MLflow store of a new sweep (default: sqlite:///mlflow.db here); a sweep
+                            keeps the store it started with
+  RAY_ADDRESS               Ray cluster to join when --address is not given (default: a local Ray)
+  SWEEPER_DATA              data root of torchvision datasets when data.root is not set (default: ./data)
+  SWEEPER_OPTUNA_STORAGE    Optuna storage of a new searched sweep (default: SQLite in its sweep directory)
+  SWEEPER_MAX_TRIALS        refuse grids of more trials than this (default: 20000)
+  SWEEPER_PROGRESS_SECONDS  seconds between progress lines when not on a terminal (default: 30)
+  SWEEPER_TRACKING_RETRY_S  how long trials wait for a tracking server that went away (default: 900)
+"""
+
+
+def _add_storage(p: argparse.ArgumentParser, reads: bool = True) -> None:
+    p.add_argument(
+        "--storage",
+        default="sweeps",
+        help="directory or object-store URI (s3://bucket/prefix) holding sweep directories"
+        + (", where a sweep name is looked up" if reads else "")
+        + " (default: ./sweeps)",
+    )
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join, HOST:PORT (default: $RAY_ADDRESS, else a local Ray instance)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show the trials' own output and Ray's logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sweeper", description="Neural-collapse experiment sweeps on Ray Tune."
+        prog="sweeper",
+        description="Neural-collapse experiment sweeps on Ray Tune.",
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
     run = verbs.add_parser("run", help="run (or resume) every trial of a spec")
     _add_spec_args(run)
-    run.add_argument(
-        "--storage",
-        default="sweeps",
-        help="directory or object-store URI (s3://bucket/prefix) holding sweep directories (default: ./sweeps)",
-    )
-    run.add_argument(
-        "--address",
-        default=os.environ.get("RAY_ADDRESS"),
-        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray instance)",
-    )
-    run.add_argument("--verbose", action="store_true", help="show the trials' own output and Ray's logs")
+    _add_storage(run, reads=False)
+    _add_cluster(run)
     validate = verbs.add_parser("validate", help="check a spec and every trial it expands to")
     _add_spec_args(validate)
     plan = verbs.add_parser("plan", help="list the trials a spec expands to, with parameter counts")
@@ -58,18 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object per line")
     resume = verbs.add_parser("resume", help="continue an interrupted sweep from its sweep directory")
     resume.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    resume.add_argument("--storage", default="sweeps")
-    resume.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
-    resume.add_argument("--verbose", action="store_true")
+    _add_storage(resume)
+    _add_cluster(resume)
     status = verbs.add_parser("status", help="per-trial state, progress, best objective, failures")
     status.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    status.add_argument("--storage", default="sweeps")
-    status.add_argument("--json", action="store_true")
+    _add_storage(status)
+    status.add_argument("--json", action="store_true", help="the status as one JSON object")
     report = verbs.add_parser("report", help="results table and figures of a sweep, from MLflow")
     report.add_argument("sweep", help="sweep directory, or sweep name under --storage")
-    report.add_argument("--storage", default="sweeps")
-    report.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    report.add_argument("--out", type=Path, help="output directory (default: <sweep dir>/report)")
+    _add_storage(report)
+    report.add_argument(
+        "--format",
+        choices=["md", "csv", "json"],
+        default="md",
+        help="format of the table files (default: md)",
+    )
+    report.add_argument("--out", type=Path, help="folder to write into (default: <sweep dir>/report)")
     data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     prepare = data_verbs.add_parser(
@@ -118,7 +154,7 @@ def resume(args: argparse.Namespace) -> int:
             tracking_uri=meta["tracking_uri"],
             verbose=args.verbose,
         )
-    except (FileNotFoundError, SpecError, LocationError) as err:
+    except (FileNotFoundError, SpecError, LocationError, *_unreachable()) as err:
         print(f"error: resume: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_results(result)
@@ -126,20 +162,43 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from sweeper.report import make_report, render_comparisons, render_table, resolve_sweep_dir
+    from sweeper.report import (
+        NothingToReport,
+        make_report,
+        render_comparisons,
+        render_table,
+        resolve_sweep_dir,
+    )
 
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(
+            f"error: report: --out {args.out} is a file; give a folder to write the report into",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
     try:
         sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
-        out, rows, comparisons, left_out = make_report(sweep_dir, args.format, args.out)
+        written = make_report(sweep_dir, args.format, args.out)
+    except NothingToReport as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, LocationError, SpecError) as err:
         print(f"error: report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(render_table(rows, "md"))
-    if comparisons:
-        print(render_comparisons(comparisons, "md"))
-    if left_out:
-        print(left_out + "\n")
-    print(f"report written to {out} and logged to the sweep's parent run under report/")
+    except OSError as err:  # --out under a file, or not writable
+        print(f"error: report: cannot write the report: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(render_table(written.rows, "md"))
+    if written.comparisons:
+        print(render_comparisons(written.comparisons, "md"))
+    if written.left_out:
+        print(written.left_out + "\n")
+    tables = [p.name for p in written.files if p.suffix != ".png"]
+    figures = len(written.files) - len(tables)
+    print(
+        f"wrote {', '.join(tables)} and {figures} figures to {written.out}; "
+        "logged them to the sweep's parent run under report/"
+    )
     return 0
 
 
@@ -176,6 +235,17 @@ def prepare_data(dataset: str, root: Path | None, source: Path | None = None) ->
     return 0
 
 
+def _sweep_named(name: str, storage: str) -> str | None:
+    """What to say when ``run NAME`` names a sweep rather than a spec file."""
+    from sweeper.report import resolve_sweep_dir
+
+    try:
+        found = resolve_sweep_dir(name, storage)
+    except (FileNotFoundError, LocationError):
+        return None
+    return f"{found} is a sweep: `sweeper resume {name}` continues it, `sweeper status {name}` shows it"
+
+
 def _print_results(result) -> None:
     from sweeper.tracking import sweep_view_url, ui_command
 
@@ -202,7 +272,23 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""What a shell reports for a command its reader stopped (SIGPIPE), as for ``git log | head -1``."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit, where a closed pipe could no longer be handled
+        return status
+    except BrokenPipeError:
+        # The reader (head, less, grep -m1) has what it wanted. Point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # The report reads each trial's summary.json: one MLflow download bar per trial would bury the
     # results table and the live progress.
@@ -215,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return show_status(args)
     if args.verb == "resume":
         return resume(args)
+    if args.verb == "run" and not args.spec.exists() and (hint := _sweep_named(str(args.spec), args.storage)):
+        print(f"error: {args.spec}: no such spec file; {hint}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         loaded = load_spec(args.spec, args.set, args.name, smoke=args.smoke)
         if args.verb == "validate":
@@ -248,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=default_tracking_uri(),
             verbose=args.verbose,
         )
-    except (SpecError, LocationError) as err:
+    except (SpecError, LocationError, *_unreachable()) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _print_results(result)

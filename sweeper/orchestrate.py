@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,9 +69,14 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
                         and get_path(loaded.resolved, path) == ADDED_FIELDS[path]
                     )
                 )
+                longer = (
+                    " A sweep trains to the length it started with: another train.epochs is a new sweep."
+                    if "train.epochs" in changed
+                    else ""
+                )
                 raise SpecError(
                     f"{loaded.path}: sweep '{sweep_dir}' was started with a different spec; changed: "
-                    f"{', '.join(changed)}. Use another --name (or --storage) for a new sweep."
+                    f"{', '.join(changed)}.{longer} Use another --name (or --storage) for a new sweep."
                 )
             frozen = yaml.safe_load(sweep_dir.read_text("spec.yaml"))
             if frozen.get("reference", []) != loaded.resolved.get("reference", []):
@@ -93,6 +99,18 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
     except OSError as err:
         raise LocationError(f"cannot use sweep directory '{sweep_dir}': {err}") from None
     return meta
+
+
+def kept_tracking_uri(sweep_dir: Location) -> str | None:
+    """The store an existing sweep logs to (its sweep.json's, whatever the environment says now)."""
+    try:
+        return (
+            json.loads(sweep_dir.read_text("sweep.json"))["tracking_uri"]
+            if sweep_dir.exists("sweep.json")
+            else None
+        )
+    except OSError:
+        return None  # an unreadable sweep directory is refused, naming it, when the sweep opens it
 
 
 def trial_dirname(trial) -> str:
@@ -205,7 +223,9 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) every trial of the spec as one Ray Tune experiment; return each trial's outcome."""
     trials = expand(loaded)
-    preflight(loaded, trials, address)
+    if not isinstance(storage, Location):
+        storage = parse_location(storage)
+    preflight(loaded, trials, address, kept_tracking_uri(storage.child(loaded.spec.name)) or tracking_uri)
     started = time.perf_counter()
     sweep = open_sweep(loaded, storage, tracking_uri)
     with ray_session(sweep, address, verbose):
@@ -227,10 +247,38 @@ def run_sweep(
     )
 
 
-def preflight(loaded: LoadedSpec, trials: list[PlannedTrial], address: str | None) -> None:
-    """Refuse, before anything is started or written, what cannot run: resources, datasets."""
+def preflight(loaded: LoadedSpec, trials: list[PlannedTrial], address: str | None, tracking_uri: str) -> None:
+    """Refuse, before anything is started or written, what cannot run: resources, datasets, a tracking
+    store or a Ray cluster that does not answer."""
+    from sweeper.tracking import check_reachable
+
     check_resources(loaded, trials, address)
+    check_address(address)
+    check_reachable(tracking_uri)
     stage_datasets(loaded, trials)
+
+
+class RayUnreachable(ConnectionError):
+    """No Ray cluster answers at ``--address`` (Ray itself would retry for minutes)."""
+
+
+def check_address(address: str | None) -> None:
+    """A cluster address must answer a TCP connection within seconds; ``auto`` and ``local`` are Ray's own
+    to resolve (``auto`` fails at once without a cluster)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachable(
+            f"--address {address}: expected HOST:PORT (or ray://HOST:PORT), e.g. 10.0.0.5:6379"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise RayUnreachable(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start its head there "
+            "(`ray start --head`), or leave --address and $RAY_ADDRESS out to run on this machine"
+        ) from None
 
 
 def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri: str) -> OpenSweep:
@@ -464,7 +512,7 @@ def report_to_parent(sweep: OpenSweep) -> None:
     import sys
     import tempfile
 
-    from sweeper.report import make_report
+    from sweeper.report import NothingToReport, make_report
 
     try:
         if sweep.sweep_dir.is_local:
@@ -472,6 +520,8 @@ def report_to_parent(sweep: OpenSweep) -> None:
         else:  # nowhere local to keep it: MLflow has it
             with tempfile.TemporaryDirectory(prefix="sweeper-report-") as tmp:
                 make_report(sweep.sweep_dir, "md", Path(tmp))
+    except NothingToReport:
+        pass  # every trial failed: the results printed say so
     except Exception as err:
         print(
             f"warning: the report of {sweep.sweep_dir} was not logged to its parent run "

@@ -40,8 +40,7 @@ class ProgressPrinter(Callback):
         self.epochs = epochs
         self.stream = stream if stream is not None else sys.stderr
         self.trials: dict[str, _Trial] = {}  # by trial key: a bundle's members each their own
-        self.started = time.perf_counter()
-        self.last_shown = 0.0
+        self._start_clock()
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
         if self.terminal:
@@ -60,7 +59,31 @@ class ProgressPrinter(Callback):
                 smoothing=0.1,
             )
 
+    def _start_clock(self) -> None:
+        self.started = time.perf_counter()
+        self.last_shown = 0.0
+        self.counted = False  # the trials a resumed sweep had ended are counted at its first step
+        self.epochs_before = 0  # and their epochs are left out of the rate the ETA assumes
+
+    def __setstate__(self, state: dict) -> None:
+        # Tune pickles its callbacks with the experiment and unpickles them on resume, in another process:
+        # the old clock reading means nothing there (the resumed run's clock started at minutes).
+        self.__dict__.update(state)
+        self._start_clock()
+
     # ---- what Tune tells -----------------------------------------------------------------------------
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.counted:
+            return
+        self.counted = True
+        for trial in trials:  # a resumed sweep's trials that ended before: their outcome, no line each
+            if trial.status in ("TERMINATED", "ERROR"):
+                for key, name, own in self._members(trial, trial.last_result or {}):
+                    entry = self._update(key, name, own)
+                    if entry.state != "FAILED":
+                        entry.state = "FAILED" if trial.status == "ERROR" else "FINISHED"
+        self.epochs_before = self.epochs_done()
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         for key, name, own in self._members(trial, result):
             self._update(key, name, own)
@@ -114,9 +137,10 @@ class ProgressPrinter(Callback):
 
     def eta(self) -> float | None:
         done = self.epochs_done()
-        if done == 0:
+        if done == self.epochs_before:
             return None
-        return (time.perf_counter() - self.started) / done * (self.total * self.epochs - done)
+        rate = (time.perf_counter() - self.started) / (done - self.epochs_before)
+        return rate * (self.total * self.epochs - done)
 
     def epochs_done(self) -> int:
         # A trial that failed will not train its remaining epochs: they are done as far as waiting goes.

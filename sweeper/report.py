@@ -71,9 +71,26 @@ def resolve_sweep_dir(sweep: str, storage: str | Path) -> Location:
                 return candidate
         except OSError as err:
             raise LocationError(f"cannot read sweep directory '{candidate}': {err}") from None
+    known = sweeps_under(parse_location(storage))
+    listed = f"sweeps under {storage}: {', '.join(known)}" if known else f"no sweep under {storage} yet"
     raise FileNotFoundError(
-        f"no sweep '{sweep}': {' nor '.join(str(c) for c in candidates)} holds a sweep.json"
+        f"no sweep '{sweep}': {' nor '.join(str(c) for c in candidates)} holds a sweep.json; {listed}"
     )
+
+
+def sweeps_under(storage: Location) -> list[str]:
+    """Names of the sweep directories under ``storage`` (each holds a sweep.json)."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = storage.fs.get_file_info(pafs.FileSelector(storage.path, allow_not_found=True))
+        return sorted(
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and storage.child(i.base_name).exists("sweep.json")
+        )
+    except OSError:
+        return []
 
 
 def summary_of(client: MlflowClient, run) -> dict[str, dict[str, float]]:
@@ -325,16 +342,31 @@ def render_comparisons(comparisons: list[dict[str, Any]], fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_report(
-    sweep_dir: Location, fmt: str, out: Path | None
-) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]], str | None]:
+class NothingToReport(LookupError):
+    """A sweep without a finished trial yet: no table, no figures, nothing written or logged."""
+
+
+@dataclass
+class WrittenReport:
+    out: Path
+    rows: list[dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    left_out: str | None
+    """The line naming reference rows left out (see :func:`reference_comparisons`)."""
+    files: list[Path]
+    """Every file written, and logged to the parent run: nothing else of ``out``."""
+
+
+def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> WrittenReport:
     """Write the table and figures to ``out`` (default ``<sweep dir>/report``, or ``./report/<name>`` for a
-    sweep in an object store) and log them to the parent run. Returns the folder, the table's rows, the
-    reference comparisons and the line naming reference rows left out (see
-    :func:`reference_comparisons`)."""
+    sweep in an object store) and log those files, and only those, to the parent run under ``report/``."""
     meta = json.loads(sweep_dir.read_text("sweep.json"))
     client = MlflowClient(meta["tracking_uri"])
     parent, records = collect(client, meta["sweep_id"])
+    if not records:
+        raise NothingToReport(
+            f"sweep {meta['name']} has no finished trial yet; `sweeper status {meta['name']}` shows its trials"
+        )
     if out is None:
         local = sweep_dir.local_path
         out = local / "report" if local is not None else Path("report") / meta["name"]
@@ -344,16 +376,22 @@ def make_report(
     loaded = load_frozen_spec(sweep_dir)
     comparisons, left_out = reference_comparisons(loaded, records)
     table = out / f"results.{fmt}"
+    files = [table]
     text = render_table(rows, fmt)
     if comparisons:
         if fmt == "md":
             text += "\n" + render_comparisons(comparisons, fmt)
         else:
-            (out / f"reference.{fmt}").write_text(render_comparisons(comparisons, fmt))
+            files.append(out / f"reference.{fmt}")
+            files[-1].write_text(render_comparisons(comparisons, fmt))
     if left_out and fmt == "md":
         text += "\n" + left_out + "\n"
     table.write_text(text)
-    if records:
-        write_figures(records, out)
-    client.log_artifacts(parent.info.run_id, str(out), "report")
-    return out, rows, comparisons, left_out
+    files += write_figures(records, out)
+    # Only what was written here: ``out`` may be a folder of the user's (``--out .``) with other files.
+    for path in files:
+        folder = path.parent.relative_to(out)
+        client.log_artifact(
+            parent.info.run_id, str(path), "report" + ("" if folder == Path() else f"/{folder}")
+        )
+    return WrittenReport(out, rows, comparisons, left_out, files)

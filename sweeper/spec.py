@@ -48,6 +48,8 @@ DEFAULT_MAX_TRIALS = 20_000
 """A grid is refused, before anything is expanded, past this many trials (``SWEEPER_MAX_TRIALS``
 overrides it): validating a trial takes about a millisecond, so 20,000 keep ``validate`` under a minute."""
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+MAPS_OF_PATHS = ("grid", "search.space")
+"""Spec fields whose keys are dotted trial-config paths: ``--set grid.model.mlp.width=[8]`` sets one key."""
 
 
 class SpecError(Exception):
@@ -283,7 +285,10 @@ def _check_path(path: str, what: str = "grid key") -> None:
         fields = model.model_fields
         if part not in fields:
             where = ".".join(parts[:depth]) or "the trial config"
-            raise ValueError(f"{what} '{path}': {where} has no field '{part}'; allowed: {', '.join(fields)}")
+            hint = did_you_mean(path, field_paths(TrialConfig))
+            raise ValueError(
+                f"{what} '{path}': {where} has no field '{part}'{hint} allowed: {', '.join(fields)}"
+            )
         annotation = fields[part].annotation
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if depth == len(parts) - 1:
@@ -355,6 +360,46 @@ def _format_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation may hold (``TrainConfig``, ``SearchSpec | None``, ...)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _sections(arg)]
+
+
+def field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted field path of ``model``, sections and their fields alike."""
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        out.append(path)
+        for section in _sections(field.annotation):
+            out += field_paths(section, f"{path}.")
+    return list(dict.fromkeys(out))
+
+
+def did_you_mean(given: str, paths: list[str]) -> str:
+    """``"; did you mean train.epochs?"`` for ``epochs``: paths ending in what was given, else close spellings
+    of the whole path or of its last part; ``";"`` when nothing is close."""
+    import difflib
+
+    last = given.rsplit(".", 1)[-1]
+    paths = [p for p in paths if not given.startswith(f"{p}.")]  # the sections above it exist already
+    found = [p for p in paths if p.rsplit(".", 1)[-1] == last and p != given]
+    found = found or difflib.get_close_matches(given, paths, n=3, cutoff=0.75)
+    if not found:
+        by_last = {}
+        for p in paths:
+            by_last.setdefault(p.rsplit(".", 1)[-1], p)
+        found = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=3, cutoff=0.8)]
+    return f"; did you mean {' or '.join(found[:3])}?" if found else ";"
+
+
+NAME_RULE = "1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
 def _allowed_fields(loc: tuple) -> list[str] | None:
     """Field names allowed at the parent of ``loc`` in a SweepSpec, for 'unknown field' messages."""
     model: type[BaseModel] = SweepSpec
@@ -367,21 +412,40 @@ def _allowed_fields(loc: tuple) -> list[str] | None:
     return list(model.model_fields)
 
 
-def format_validation_error(source: str, err: ValidationError, prefix: tuple = ()) -> str:
+def format_validation_error(
+    source: str, err: ValidationError, prefix: tuple = (), origins: dict[str, str] | None = None
+) -> str:
+    """One line per problem, naming where the value came from: the file, or the ``--set`` argument (or
+    ``smoke:`` entry) in ``origins`` (dotted path -> how it was given) that set the field or a section
+    above it."""
     lines = []
     for e in err.errors():
         loc = prefix + tuple(e["loc"])
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(tuple(e["loc"]))
-            msg = "unknown field" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            where = _format_loc(loc)
+            msg = "unknown field" + did_you_mean(where, field_paths(SweepSpec)).rstrip(";")
+            msg += f"; allowed: {', '.join(allowed)}" if allowed else ""
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"a section: give a mapping of its fields (got {_short(e.get('input'))[:80]})"
+        elif e["type"] == "string_pattern_mismatch" and tuple(e["loc"]) == ("name",):
+            msg = f"{NAME_RULE} (got {e.get('input')!r})"
         else:
-            msg = e["msg"]
-            if "input" in e and e["type"] not in ("model_type", "dict_type"):
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], (dict, list)):  # not a whole grid
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: {_format_loc(loc)}: {msg}")
+        lines.append(f"{_origin(source, loc, origins or {})}: {_format_loc(loc)}: {msg}")
     return "\n".join(lines)
+
+
+def _origin(source: str, loc: tuple, origins: dict[str, str]) -> str:
+    dotted = ".".join(str(part) for part in loc)
+    for path in sorted(origins, key=len, reverse=True):
+        if dotted == path or dotted.startswith(f"{path}.") or path.startswith(f"{dotted}."):
+            return origins[path]
+    return source
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -507,18 +571,33 @@ def load_spec_text(
             raise SpecError(f"{source}: smoke: --smoke needs a 'smoke:' mapping of overrides in the spec")
         pairs = list(section.items()) + pairs
     as_written = copy.deepcopy(data)
-    for key, value in pairs:
-        if key.startswith("grid.") and isinstance(data.get("grid", {}), dict):
-            # Grid keys are themselves dotted paths: grid.model.mlp.width names one grid entry.
-            data.setdefault("grid", {})[key[len("grid.") :]] = value
+    smoke_keys = len(pairs) - len(overrides)
+    origins = {}
+    for i, (key, value) in enumerate(pairs):
+        origins[key] = f"{source}: smoke: {key}" if i < smoke_keys else f"--set {overrides[i - smoke_keys]}"
+        keyed = next((m for m in MAPS_OF_PATHS if key.startswith(f"{m}.")), None)
+        if keyed is not None and isinstance(get_path(data, keyed) or {}, dict):
+            # Grid and search-space keys are themselves dotted paths: grid.model.mlp.width names one entry.
+            entries = get_path(data, keyed)
+            if entries is None:
+                set_path(data, keyed, entries := {})
+            entries[key[len(keyed) + 1 :]] = value
         else:
-            set_path(data, key, value)
+            try:
+                set_path(data, key, value)
+            except (AttributeError, TypeError):
+                raise SpecError(
+                    f"{origins[key]}: {key.rsplit('.', 1)[0]} is a single value, not a section"
+                ) from None
     if name is not None:
         data["name"] = name
+    elif smoke and "name" not in (data.get("smoke") or {}) and isinstance(data.get("name"), str):
+        # Its own sweep: the real run of the spec afterwards is not refused as a changed spec.
+        data["name"] = f"{data['name']}-smoke"
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_validation_error(source, err)) from None
+        raise SpecError(format_validation_error(source, err, origins=origins)) from None
     loaded = LoadedSpec(spec, source, spec.model_dump(mode="json", by_alias=True))
     trials = expand(loaded)  # every grid point must be a valid trial before anything starts
     if spec.search is not None:

@@ -71,6 +71,53 @@ def with_retry(call, *args, **kwargs):
             delay = min(2 * delay, 30.0)
 
 
+class TrackingUnreachable(ConnectionError):
+    """The tracking store does not answer when a sweep starts (before anything is written)."""
+
+
+REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, naming ``uri``, when the tracking store does not answer at all. :func:`with_retry`'s
+    long patience is for a server that goes away mid-sweep; a sweep that starts against a wrong URI should
+    not wait for it (or write anything first)."""
+    import urllib.error
+    import urllib.request
+
+    hint = "start it, or point MLFLOW_TRACKING_URI at a store that runs (unset, a SQLite file here is used)"
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            return  # something answered: MLflow's own errors, if any, say more than we could
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingUnreachable(
+                f"MLflow tracking server {uri} does not answer ({reason}); {hint}"
+            ) from None
+    elif uri.startswith(("postgresql", "mysql", "mssql")):
+        import sqlalchemy
+
+        args = {"connect_timeout": int(REACH_TIMEOUT_S)} if uri.startswith(("postgresql", "mysql")) else {}
+        try:
+            sqlalchemy.create_engine(uri, connect_args=args).connect().close()
+        except ImportError as err:
+            raise TrackingUnreachable(
+                f"MLflow tracking database {_redacted(uri)}: its driver is not installed ({err}); install "
+                "it, or name an installed one in the URI (postgresql+psycopg2://...)"
+            ) from None
+        except Exception as err:  # each driver raises its own; sqlalchemy wraps them in OperationalError
+            reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+            raise TrackingUnreachable(
+                f"MLflow tracking database {_redacted(uri)} does not answer ({reason}); {hint}"
+            ) from None
+
+
+def _redacted(uri: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+
+
 def default_tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else an absolute SQLite store in the working directory.
 

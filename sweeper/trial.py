@@ -30,12 +30,10 @@ from sweeper.tracking import (
     history_of,
     with_retry,
 )
-from trainables.checkpoint import STATE_FILE, load_state, save_state
+from trainables.checkpoint import STATE_NAME, load_state, save_state
 from trainables.config import TrialConfig
 from trainables.data import describe_splits
 from trainables.loop import Trainer
-
-STATE_NAME = Path(STATE_FILE).stem  # a lone trial's state in its checkpoint
 
 
 def tune_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -82,10 +82,10 @@ def test_overrides_and_name(tmp_path):
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("name: t\nmodle: {}\n", r"spec.yaml: modle: unknown field; allowed: .*model"),
+        ("name: t\nmodle: {}\n", r"spec.yaml: modle: unknown field; did you mean model\?; allowed: .*model"),
         (
             "name: t\ntrain: {epochs: 2, lr: 0.1}\n",
-            r"spec.yaml: train.lr: unknown field; allowed: epochs, batch_size",
+            r"spec.yaml: train.lr: unknown field; did you mean train.optimizer.lr\?; allowed: epochs, batch_size",
         ),
         ("name: t\ntrain: {epochs: many}\n", r"spec.yaml: train.epochs: .*integer.*'many'"),
         (
@@ -101,11 +101,14 @@ def test_overrides_and_name(tmp_path):
             r"spec.yaml: train.optimizer.lr: Input should be greater than 0",
         ),
         ("train: {epochs: 2}\n", r"spec.yaml: name: required field is missing"),
-        ("name: 'bad name!'\n", r"spec.yaml: name: String should match pattern"),
+        (
+            "name: 'bad name!'\n",
+            r"spec.yaml: name: 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit \(got 'bad name!'\)",
+        ),
         ("name: t\ngrid: {seed: []}\n", r"spec.yaml: grid.seed: List should have at least 1 item"),
         (
             "name: t\ngrid: {model.mlp.widht: [1]}\n",
-            r"grid key 'model.mlp.widht': model.mlp has no field 'widht'; allowed: preset, depth, width",
+            r"grid key 'model.mlp.widht': model.mlp has no field 'widht'; did you mean model.mlp.width or model.mlp.depth\? allowed: preset, depth, width",
         ),
         ("name: t\ngrid: {model: [1]}\n", r"grid key 'model' is a section"),
         (

@@ -144,9 +144,12 @@ def torchvision_split(name: str, root: Path, train: bool, download: bool) -> tup
                 f"Stage it on a machine with internet with `python -m sweeper data prepare {name} --root "
                 f"DIR`, copy DIR here and point data.root or $SWEEPER_DATA at it."
             )
+        # torchvision's own text for a missing dataset ("You can use download=True to download it")
+        # contradicts the advice above; only a download's error says something ours does not.
+        reason = f": {type(err).__name__}: {' '.join(str(err).split())}" if download else ""
         raise DatasetUnavailable(
-            f"dataset '{name}' not found under {root} (torchvision looks for {root}/{folder}) and {how}: "
-            f"{type(err).__name__}: {' '.join(str(err).split())}. {fix}"
+            f"dataset '{name}' not found under {root} (torchvision looks for {root}/{folder}) and {how}"
+            f"{reason}. {fix}"
         ) from None
     x = np.asarray(ds.data)
     y = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels)
