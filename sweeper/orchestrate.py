@@ -127,6 +127,11 @@ def _init_ray(address: str | None, env_vars: dict[str, str], verbose: bool) -> N
     if address:
         ray.init(address=address, **common)
     else:
+        # Ray 2.60 enables token authentication for a new local instance and says so in a WARNING on every
+        # run; the token is made and kept for the user, who has nothing to do (a cluster's mode is not
+        # touched: it is only logged here, for a local instance). Setting RAY_AUTH_MODE=token instead
+        # stopped the local instance from starting.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # "local": a new instance on this machine even when `ray start` left a cluster (or its stale
         # address file) behind; plain ray.init() would try to join that one.
         ray.init(address="local", include_dashboard=False, **common)

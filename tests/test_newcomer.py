@@ -70,6 +70,8 @@ def sweep(tmp_path_factory):
     uri = mlflow_uri(tmp)
     proc = _run(tmp, "run", "spec.yaml", uri=uri)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # A local Ray keeps its token authentication without a WARNING that asks nothing of the user.
+    assert "Token authentication" not in proc.stderr + proc.stdout
     return tmp, uri
 
 
