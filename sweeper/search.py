@@ -11,8 +11,9 @@ Tune trial's config names its study trials (its point's tags). After a driver ki
 - a study trial that finished before the kill is COMPLETE in storage, whatever the snapshot says; a Tune
   trial replayed for it finds its MLflow run FINISHED, trains nothing, and its result is not told twice;
 - a study trial asked after the last snapshot is RUNNING in storage but unknown to the restored Tune:
-  on restore it is marked FAIL with user attribute ``sweeper.orphaned`` (its MLflow run, if any, KILLED),
-  and it does not count toward the cell's budget, so the cell asks again;
+  on restore it is told its MLflow run's objective if that run FINISHED (it ended before the kill, untold),
+  else marked FAIL with user attribute ``sweeper.orphaned`` (its MLflow run, if any, KILLED), and then it
+  does not count toward the cell's budget, so the cell asks again;
 - every other trial counts, so each cell ends with exactly ``trials_per_cell`` counted trials and none
   RUNNING.
 The searcher's own snapshot (its map of live Tune trials) is not trusted on restore: Tune writes its trial
@@ -203,9 +204,14 @@ class CellSearcher(Searcher):
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if (index, trial.number) in known:
                     continue
+                value = self._settle_run(index, trial.number)
+                if value is not None:
+                    # Asked and finished between two snapshots, the driver killed before it was told:
+                    # its MLflow run holds the result, and asking again would train the cell one too many.
+                    study.tell(trial.number, value)
+                    continue
                 study._storage.set_trial_user_attr(trial._trial_id, ORPHANED, True)
                 study.tell(trial.number, state=TrialState.FAIL)
-                self._kill_run(index, trial.number)
         self._reconciled = True
 
     def _members(self, point: dict[str, Any]) -> list[tuple[int, int]]:
@@ -215,7 +221,9 @@ class CellSearcher(Searcher):
         points = parsed.members if isinstance(parsed, BundlePoint) else (parsed,)
         return [(cells[p.tags[TAG_STUDY]], int(p.tags[TAG_STUDY_TRIAL])) for p in points]
 
-    def _kill_run(self, index: int, number: int) -> None:
+    def _settle_run(self, index: int, number: int) -> float | None:
+        """An unknown study trial's MLflow run: its objective if it FINISHED with one, else KILLED (if it
+        was still RUNNING) and None."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.sweep["tracking_uri"])
@@ -225,6 +233,10 @@ class CellSearcher(Searcher):
             filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep['sweep_id']}' and tags.`{TAG_TRIAL}` = '{key}'",
         )
         for run in runs:
+            value = run.data.metrics.get(self.objective)
+            if run.info.status == "FINISHED" and value is not None and math.isfinite(value):
+                return float(value)
+        for run in runs:
             if run.info.status == "RUNNING":
                 client.set_tag(
                     run.info.run_id,
@@ -232,6 +244,7 @@ class CellSearcher(Searcher):
                     "orphaned: asked after the last snapshot of a killed driver",
                 )
                 client.set_terminated(run.info.run_id, "KILLED")
+        return None
 
     # ---- Tune's Searcher API ------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
