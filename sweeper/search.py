@@ -204,11 +204,15 @@ class CellSearcher(Searcher):
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if (index, trial.number) in known:
                     continue
-                value = self._settle_run(index, trial.number)
-                if value is not None:
+                finished, value = self._settle_run(index, trial.number)
+                if finished:
                     # Asked and finished between two snapshots, the driver killed before it was told:
-                    # its MLflow run holds the result, and asking again would train the cell one too many.
-                    study.tell(trial.number, value)
+                    # its MLflow run holds the result, told as on_trial_complete would have told it
+                    # (FAIL without a finite objective); asking again would train the cell one too many.
+                    if value is None:
+                        study.tell(trial.number, state=TrialState.FAIL)
+                    else:
+                        study.tell(trial.number, value)
                     continue
                 study._storage.set_trial_user_attr(trial._trial_id, ORPHANED, True)
                 study.tell(trial.number, state=TrialState.FAIL)
@@ -221,9 +225,9 @@ class CellSearcher(Searcher):
         points = parsed.members if isinstance(parsed, BundlePoint) else (parsed,)
         return [(cells[p.tags[TAG_STUDY]], int(p.tags[TAG_STUDY_TRIAL])) for p in points]
 
-    def _settle_run(self, index: int, number: int) -> float | None:
-        """An unknown study trial's MLflow run: its objective if it FINISHED with one, else KILLED (if it
-        was still RUNNING) and None."""
+    def _settle_run(self, index: int, number: int) -> tuple[bool, float | None]:
+        """An unknown study trial's MLflow run: (True, its finite objective or None) if it FINISHED, else
+        (False, None), the run KILLED if it was still RUNNING."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.sweep["tracking_uri"])
@@ -233,9 +237,9 @@ class CellSearcher(Searcher):
             filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep['sweep_id']}' and tags.`{TAG_TRIAL}` = '{key}'",
         )
         for run in runs:
-            value = run.data.metrics.get(self.objective)
-            if run.info.status == "FINISHED" and value is not None and math.isfinite(value):
-                return float(value)
+            if run.info.status == "FINISHED":
+                value = run.data.metrics.get(self.objective)
+                return True, (float(value) if value is not None and math.isfinite(value) else None)
         for run in runs:
             if run.info.status == "RUNNING":
                 client.set_tag(
@@ -244,7 +248,7 @@ class CellSearcher(Searcher):
                     "orphaned: asked after the last snapshot of a killed driver",
                 )
                 client.set_terminated(run.info.run_id, "KILLED")
-        return None
+        return False, None
 
     # ---- Tune's Searcher API ------------------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
