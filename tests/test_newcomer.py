@@ -85,7 +85,9 @@ def test_report_into_a_file_is_refused_naming_it(sweep):
     assert (tmp / "run1.out").read_text() == "mine\n"
 
 
-@pytest.mark.parametrize("args", [["plan", "spec.yaml"], ["status", "first"], ["validate", "spec.yaml"]])
+@pytest.mark.parametrize(
+    "args", [["plan", "spec.yaml"], ["status", "first"], ["validate", "spec.yaml"], ["report", "first"]]
+)
 def test_a_reader_that_stops_early_ends_the_command_quietly(sweep, args):
     # `sweeper plan spec.yaml | head -1`: the reader is gone before the first line is written.
     tmp, uri = sweep

@@ -34,7 +34,10 @@ class PrintReporter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainables", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainables",
+        description="Run one trial without Ray or MLflow; one JSON line per epoch, then a summary line.",
+    )
     parser.add_argument("trial", type=Path, help="YAML or JSON file of one trial config")
     parser.add_argument("--checkpoint", type=Path, help="state file to save to and continue from")
     parser.add_argument(
