@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -56,6 +57,7 @@ class Recorder:
         self.fast, self.slow, self.fast_for = fast, slow, fast_for
         self._me = psutil.Process()
         self._known: dict[int, dict[str, Any]] = {}
+        self._session: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="sweeper-ray-recorder", daemon=True)
 
@@ -76,9 +78,11 @@ class Recorder:
                 self._write()
 
     def poll(self) -> bool:
-        """Add processes below the driver not seen yet; True when there were any."""
+        """Add processes below the driver not seen yet, and its Ray session directory once a process
+        holds a file in it; True when anything was added."""
         new = False
-        for child in self._me.children(recursive=True):
+        children = self._me.children(recursive=True)
+        for child in children:
             if child.pid in self._known:
                 continue
             try:
@@ -86,6 +90,14 @@ class Recorder:
                 new = True
             except psutil.Error:
                 continue  # ended while we looked
+        for child in children if self._session is None else ():
+            try:
+                self._session = session_dir(child, self._me.pid)
+            except psutil.Error:
+                continue
+            if self._session is not None:
+                new = True
+                break
         return new
 
     def _write(self) -> None:
@@ -93,11 +105,36 @@ class Recorder:
             "host": socket.gethostname(),
             "driver": _describe(self._me),
             "processes": list(self._known.values()),
+            "ray_session": self._session,
         }
         try:
             self.sweep_dir.write_text(PROCESS_FILE, json.dumps(data, indent=1))
         except OSError:
             pass  # a store that failed once is written again at the next change
+
+
+def session_dir(process: psutil.Process, driver_pid: int) -> str | None:
+    """The Ray session directory ``process`` holds a file open in, if the driver ``driver_pid`` started it."""
+    pattern = re.compile(rf"^(.*/session_[^/]*_{driver_pid})/")
+    for opened in process.open_files():
+        match = pattern.match(opened.path)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _holding_files_in(folder: str) -> list[psutil.Process]:
+    """Processes on this machine with a file open under ``folder`` (those we may look at)."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            if any(f.path.startswith(folder + "/") for f in process.open_files()):
+                found.append(process)
+        except psutil.Error:
+            continue  # another user's process, or ended while we looked
+    return found
 
 
 def clear(sweep_dir: Location) -> None:
@@ -127,6 +164,14 @@ def end_predecessor(sweep_dir: Location, timeout: float = 5.0) -> list[dict[str,
         )
     found = [(entry, _alive(entry)) for entry in data["processes"]]
     found = [(entry, process) for entry, process in found if process is not None]
+    if data.get("ray_session"):
+        pids = {process.pid for _, process in found}
+        for process in _holding_files_in(data["ray_session"]):
+            if process.pid not in pids:
+                try:
+                    found.append((_describe(process), process))
+                except psutil.Error:
+                    pass
     for _, process in found:
         try:
             process.terminate()

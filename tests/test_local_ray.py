@@ -91,6 +91,64 @@ def test_the_recorder_records_processes_started_below_the_driver_and_clears_on_e
     assert not (tmp_path / local_ray.PROCESS_FILE).exists()
 
 
+def _holding(path) -> subprocess.Popen:
+    """A process that keeps ``path`` open, as every process of a Ray instance keeps its logs open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["sh", "-c", 'exec 3>>"$0"; exec sleep 300', str(path)])
+
+
+def _wait_open(process: subprocess.Popen, path) -> None:
+    deadline = time.monotonic() + 10
+    while str(path) not in [f.path for f in psutil.Process(process.pid).open_files()]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_an_unrecorded_process_of_the_dead_drivers_ray_session_is_ended_and_another_sessions_is_not(tmp_path):
+    # Spawned in the instant before the kill, a Ray agent is in no record; it still holds its logs open
+    # in the session directory the record names. Another instance's (other directory) is left alone.
+    dead = _dead_process()
+    ours = tmp_path / "ray" / f"session_2026-12-05_10-00-00_000001_{dead['pid']}"
+    theirs = tmp_path / "ray" / "session_2026-12-05_10-00-00_000001_1"
+    agent, other = _holding(ours / "logs" / "dashboard_agent.log"), _holding(theirs / "logs" / "raylet.out")
+    try:
+        _wait_open(agent, ours / "logs" / "dashboard_agent.log")
+        _wait_open(other, theirs / "logs" / "raylet.out")
+        _record(tmp_path, dead, [])
+        data = json.loads((tmp_path / local_ray.PROCESS_FILE).read_text())
+        (tmp_path / local_ray.PROCESS_FILE).write_text(json.dumps({**data, "ray_session": str(ours)}))
+        ended = local_ray.end_predecessor(parse_location(tmp_path))
+        assert [e["pid"] for e in ended] == [agent.pid]
+        assert agent.wait(timeout=10) is not None
+        assert other.poll() is None
+    finally:
+        for p in (agent, other):
+            p.kill()
+            p.wait()
+
+
+def test_the_recorder_names_the_ray_session_directory_of_its_own_driver_only(tmp_path):
+    me = psutil.Process().pid
+    mine = tmp_path / "ray" / f"session_2026-12-05_10-00-00_000001_{me}"
+    other = _holding(tmp_path / "ray" / "session_2026-12-05_10-00-00_000001_1" / "logs" / "gcs_server.out")
+    _wait_open(other, tmp_path / "ray" / "session_2026-12-05_10-00-00_000001_1" / "logs" / "gcs_server.out")
+    location = parse_location(tmp_path / "sweep")
+    (tmp_path / "sweep").mkdir()
+    with local_ray.Recorder(location, fast=0.01):
+        child = _holding(mine / "logs" / "gcs_server.out")
+        try:
+            deadline = time.monotonic() + 10
+            data: dict = {}
+            while data.get("ray_session") is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                data = json.loads((tmp_path / "sweep" / local_ray.PROCESS_FILE).read_text())
+            assert data["ray_session"] == str(mine)
+        finally:
+            for p in (child, other):
+                p.kill()
+                p.wait()
+
+
 def test_trial_checkpoint_is_replaced_whole_and_ignores_a_killed_writers_temp_file(tmp_path):
     checkpoint = TrialCheckpoint(str(tmp_path), "bundle-abc")
     assert checkpoint.load() is None
