@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(status)
     status.add_argument("--json", action="store_true", help="the status as one JSON object")
     report = verbs.add_parser("report", help="results table and figures of a sweep, from MLflow")
-    report.add_argument("sweep", help="sweep directory, or sweep name under --storage")
+    report.add_argument(
+        "sweep",
+        nargs="+",
+        help="sweep directory, or sweep name under --storage; several sweeps of one spec that differ only "
+        "in grid.seed pool into one report",
+    )
     _add_storage(report)
     report.add_argument(
         "--format",
@@ -105,7 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="md",
         help="format of the table files (default: md)",
     )
-    report.add_argument("--out", type=Path, help="folder to write into (default: <sweep dir>/report)")
+    report.add_argument(
+        "--out",
+        type=Path,
+        help="folder to write into (default: <sweep dir>/report; for several sweeps ./report/A+B)",
+    )
+    export = verbs.add_parser(
+        "export", help="every trial's per-epoch metrics (or the trials table) as one Parquet or CSV file"
+    )
+    export.add_argument("sweep", nargs="+", help="sweep directories, or sweep names under --storage")
+    _add_storage(export)
+    export.add_argument(
+        "--out", type=Path, required=True, help="file to write: .parquet or .csv (by its suffix)"
+    )
+    export.add_argument(
+        "--trials", action="store_true", help="the trials table (one row per trial) instead of the histories"
+    )
+    export.add_argument("--metric", action="append", help="only this metric (nc1, acc, ...; repeatable)")
+    export.add_argument("--split", action="append", choices=["train", "test"], help="only this split")
+    export.add_argument("--layer", action="append", help="only this tap (fc1, layer3, ...; repeatable)")
     data = verbs.add_parser("data", help="stage torchvision datasets for machines without internet")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     prepare = data_verbs.add_parser(
@@ -164,6 +187,7 @@ def resume(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from sweeper.report import (
         NothingToReport,
+        SweepsDiffer,
         make_report,
         render_comparisons,
         render_table,
@@ -177,12 +201,13 @@ def report(args: argparse.Namespace) -> int:
         )
         return EXIT_BAD_INPUT
     try:
-        sweep_dir = resolve_sweep_dir(args.sweep, args.storage)
-        written = make_report(sweep_dir, args.format, args.out)
+        found = [resolve_sweep_dir(s, args.storage) for s in args.sweep]
+        sweep_dirs = list({str(d): d for d in found}.values())  # one sweep named twice is one sweep
+        written = make_report(sweep_dirs, args.format, args.out)
     except NothingToReport as err:
         print(f"report: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, LocationError, SpecError) as err:
+    except (FileNotFoundError, LocationError, SpecError, SweepsDiffer) as err:
         print(f"error: report: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # --out under a file, or not writable
@@ -195,10 +220,56 @@ def report(args: argparse.Namespace) -> int:
         print(written.left_out + "\n")
     tables = [p.name for p in written.files if p.suffix != ".png"]
     figures = len(written.files) - len(tables)
-    print(
-        f"wrote {', '.join(tables)} and {figures} figures to {written.out}; "
+    logged = (
         "logged them to the sweep's parent run under report/"
+        if written.logged
+        else "a report pooling several sweeps is logged to none of them"
     )
+    print(f"wrote {', '.join(tables)} and {figures} figures to {written.out}; {logged}")
+    return 0
+
+
+EXPORT_SUFFIXES = (".parquet", ".csv")
+
+
+def export(args: argparse.Namespace) -> int:
+    from sweeper.report import resolve_sweep_dir
+    from sweeper.results import load_histories, load_trials
+
+    out: Path = args.out
+    if out.suffix not in EXPORT_SUFFIXES:
+        print(
+            f"error: export: --out {out}: give a file ending in .parquet or .csv (the suffix picks the format)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        where = "is a folder" if out.is_dir() else f"its folder {out.resolve().parent} does not exist"
+        print(f"error: export: --out {out}: {where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        sweeps = [str(resolve_sweep_dir(s, args.storage)) for s in args.sweep]
+        if args.trials:
+            table = load_trials(sweeps, args.storage)
+        else:
+            table = load_histories(
+                sweeps, args.storage, metrics=args.metric, splits=args.split, layers=args.layer
+            )
+    except (FileNotFoundError, LocationError, SpecError) as err:
+        print(f"error: export: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if table.empty:
+        print(f"export: nothing to write: {', '.join(args.sweep)} logged no such rows yet", file=sys.stderr)
+        return 1
+    # Whole or not at all: a reader never finds half a file under the name asked for.
+    partial = out.with_name(f".{out.name}.partial")
+    if out.suffix == ".parquet":
+        table.to_parquet(partial, index=False)
+    else:
+        table.to_csv(partial, index=False)
+    partial.replace(out)
+    what = "trials" if args.trials else "rows"
+    print(f"wrote {len(table):,} {what} ({', '.join(map(str, table.columns))}) to {out}")
     return 0
 
 
@@ -297,6 +368,8 @@ def _main(argv: list[str] | None) -> int:
         return prepare_data(args.dataset, args.root, args.source)
     if args.verb == "report":
         return report(args)
+    if args.verb == "export":
+        return export(args)
     if args.verb == "status":
         return show_status(args)
     if args.verb == "resume":

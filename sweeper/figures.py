@@ -45,7 +45,15 @@ def ncc_over_epochs(variants: dict[str, History], layers: Layers, split: str = "
             points = history.get(f"ncc_acc/{split}/{layer}", [])
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=cmap(i / max(1, len(own) - 1)), label=layer)
+                # Markers where there are few measurements: one metric pass is a point, not an empty panel.
+                ax.plot(
+                    steps,
+                    values,
+                    color=cmap(i / max(1, len(own) - 1)),
+                    label=layer,
+                    marker="o" if len(points) <= 20 else None,
+                    markersize=4,
+                )
         ax.set_title(variant, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -316,15 +316,18 @@ def open_sweep(loaded: LoadedSpec, storage: Location | str | Path, tracking_uri:
         spec_hash=loaded.hash,
         spec_text=sweep_dir.read_text("spec.yaml"),
         sweep_dir=str(sweep_dir),
-        description=describe(loaded, sweep_view_path(experiment_id, meta["sweep_id"])),
+        description=describe(
+            loaded, sweep_view_path(experiment_id, meta["sweep_id"]), meta.get("optuna_storage")
+        ),
     )
     return OpenSweep(storage, sweep_dir, meta, client, experiment_id, parent_run_id)
 
 
-def describe(loaded: LoadedSpec, view_path: str = "") -> str:
-    """The parent run's Description: what the sweep trains, its grid, what it reproduces and a link (a UI
-    route, so that it works on whatever host serves the UI) to the sweep's saved chart view."""
-    from sweeper.tracking import sweep_view_name
+def describe(loaded: LoadedSpec, view_path: str = "", optuna_storage: str | None = None) -> str:
+    """The parent run's Description: what the sweep trains, its grid, what it reproduces, a link (a UI
+    route, so that it works on whatever host serves the UI) to the sweep's saved chart view, and where a
+    searched sweep's Optuna studies are."""
+    from sweeper.tracking import dashboard_command, sweep_view_name
 
     spec = loaded.spec
     trials = total_trials(loaded, expand(loaded))
@@ -345,6 +348,11 @@ def describe(loaded: LoadedSpec, view_path: str = "") -> str:
         lines.append(
             f"[Charts of this sweep's trials, one line per variant](#{view_path}) "
             f"(in the Views menu: *{sweep_view_name(spec.name)}*)."
+        )
+    if optuna_storage:
+        lines.append(
+            "One Optuna study per cell, named `<sweep id>/<cell key>` with the sweep and cell as its user "
+            f"attributes: `{dashboard_command(optuna_storage)}`."
         )
     return "\n\n".join(lines)
 
@@ -663,6 +671,7 @@ def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep):
         mode=loaded.spec.objective.mode,
         bundle=members_per_trial(loaded, trials, _trial_slots(loaded)),
         experiment=sweep.sweep_dir.child(TUNE_DIR).uri,
+        sweep_name=loaded.spec.name,
     )
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeper import figures
@@ -37,10 +39,14 @@ from sweeper.tracking import (
     TAG_CELL,
     TAG_ORDER,
     TAG_ROLE,
+    TAG_STUDY,
+    TAG_STUDY_TRIAL,
     TAG_SWEEP,
     TAG_TAPS,
     history_of,
+    study_name,
 )
+from trainables.config import changed_paths
 
 COLUMNS = list(REPORT_COLUMNS.items())
 SPREAD_STDS = 2.0
@@ -58,6 +64,16 @@ class TrialRecord:
     taps: list[str]
     history: figures.History
     values: dict[str, float | None]
+    study: str | None = None
+    """A searched trial's Optuna study (one per grid cell) and its trial number there."""
+    study_trial: int | None = None
+
+
+def heatmap_file_name(run_name: str) -> str:
+    """A trial's run name as a file name: ``dataset=digits etf=depth:0 trial=0`` becomes
+    ``dataset=digits_etf=depth-0_trial=0`` (its parts kept apart; no character a file system or a shell
+    minds)."""
+    return re.sub(r"[^\w=.,+-]+", "_", run_name.replace(":", "-")).strip("_") or "trial"
 
 
 def resolve_sweep_dir(sweep: str, storage: str | Path) -> Location:
@@ -163,28 +179,44 @@ def collect(client: MlflowClient, sweep_id: str) -> tuple[Any, list[TrialRecord]
                 taps,
                 history,
                 _trial_values(history, run.data.metrics, summary_of(client, run)),
+                run.data.tags.get(TAG_STUDY),
+                int(run.data.tags[TAG_STUDY_TRIAL]) if TAG_STUDY_TRIAL in run.data.tags else None,
             )
         )
     return parent, records
 
 
-def table_rows(parent, records: list[TrialRecord]) -> list[dict[str, Any]]:
-    best_by_cell = {}
-    for key, value in parent.data.tags.items():
-        if key.startswith(TAG_BEST_PREFIX):
-            info = json.loads(value)
-            best_by_cell[info["cell"]] = info
+def table_rows(parents, records: list[TrialRecord]) -> list[dict[str, Any]]:
+    """One row per variant over ``records``; ``parents``: the sweeps' parent runs (one, or a list).
+
+    A searched variant's trials are its studies' search, not repetitions: its row is the best trial of
+    each study (one study per seed), as the parents' ``sweeper.best.<cell key>`` tags name them, with the
+    spread over seeds of those best trials; ``searched`` counts every trial the search ran."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for parent in parents if isinstance(parents, list) else [parents]:
+        sweep_id = parent.data.tags.get(TAG_SWEEP)
+        for key, value in parent.data.tags.items():
+            if key.startswith(TAG_BEST_PREFIX):
+                info = json.loads(value)
+                study = study_name(sweep_id, key[len(TAG_BEST_PREFIX) :])
+                best[(study, int(info["study_trial"]))] = info
     rows = []
     for cell in dict.fromkeys(r.cell for r in records):
         members = [r for r in records if r.cell == cell]
+        searched = [r for r in members if r.study is not None]
+        if searched:
+            members = [r for r in searched if (r.study, r.study_trial) in best]
         row: dict[str, Any] = {"variant": cell, "n": len(members)}
         for key, _ in COLUMNS:
             values = [r.values[key] for r in members if r.values[key] is not None]
             row[key] = statistics.fmean(values) if values else None
             row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0 if values else None
-        if cell in best_by_cell:
-            row["best_params"] = best_by_cell[cell]["params"]
-            row["best_value"] = best_by_cell[cell]["value"]
+        if searched:
+            row["searched"] = len(searched)
+            chosen = [best[(r.study, r.study_trial)] for r in members]
+            params = [c["params"] for c in chosen]
+            row["best_params"] = params[0] if all(p == params[0] for p in params) else params
+            row["best_value"] = statistics.fmean(c["value"] for c in chosen) if chosen else None
         rows.append(row)
     return rows
 
@@ -212,19 +244,26 @@ def render_table(rows: list[dict[str, Any]], fmt: str) -> str:
             writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()})
         return out.getvalue()
     header = ["variant", "seeds"] + [label for _, label in COLUMNS]
-    searched = any("best_params" in row for row in rows)
+    searched = any("searched" in row for row in rows)
     if searched:
-        header.append("best searched params")
+        header += ["trials searched", "best searched params"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [row["variant"], str(row["n"])] + [_cell(row, key) for key, _ in COLUMNS]
         if searched:
-            cells.append(json.dumps(row.get("best_params", {})))
+            cells += [str(row.get("searched", "-")), json.dumps(row.get("best_params", {}))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "Accuracies in percent, mean ± std over the variant's finished trials; IT: interpolation "
-        "threshold (first epoch with train accuracy >= 99.5%)."
+        (
+            "Accuracies in percent, mean ± std over the seeds of each seed's best searched trial "
+            "(by the objective); IT: interpolation threshold (first epoch with train accuracy >= 99.5%)."
+        )
+        if searched
+        else (
+            "Accuracies in percent, mean ± std over the variant's finished trials; IT: interpolation "
+            "threshold (first epoch with train accuracy >= 99.5%)."
+        )
     )
     return "\n".join(lines) + "\n"
 
@@ -257,7 +296,7 @@ def write_figures(records: list[TrialRecord], out: Path) -> list[Path]:
     for record in records:
         if not record.taps:  # failed before its first metric pass: nothing to draw
             continue
-        path = heatmaps / f"{record.name.replace('/', '_').replace(' ', '')}.png"
+        path = heatmaps / f"{heatmap_file_name(record.name)}.png"
         figures.save(figures.nc1_heatmap(record.history, record.taps, record.name), path)
         paths.append(path)
     return paths
@@ -355,25 +394,75 @@ class WrittenReport:
     """The line naming reference rows left out (see :func:`reference_comparisons`)."""
     files: list[Path]
     """Every file written, and logged to the parent run: nothing else of ``out``."""
+    logged: bool = True
+    """Whether the files went to the sweep's parent run (a report pooling several sweeps goes to none)."""
 
 
-def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> WrittenReport:
-    """Write the table and figures to ``out`` (default ``<sweep dir>/report``, or ``./report/<name>`` for a
-    sweep in an object store) and log those files, and only those, to the parent run under ``report/``."""
-    meta = json.loads(sweep_dir.read_text("sweep.json"))
-    client = MlflowClient(meta["tracking_uri"])
-    parent, records = collect(client, meta["sweep_id"])
+class SweepsDiffer(ValueError):
+    """Sweeps that are not one spec over other seeds: their trials do not pool into one table."""
+
+
+POOLED_PATHS = ("name", "grid.seed", "reference", "smoke.reference")
+"""Where sweeps pooled into one report may differ: their names, the seeds they ran, and the published rows
+they carry (the first sweep's are compared with)."""
+
+
+def check_poolable(sweep_dirs: list[Location]) -> None:
+    """Refuse sweeps whose frozen specs differ anywhere but :data:`POOLED_PATHS`, naming the fields, or
+    that ran a trial twice (the same config in two sweeps would count twice)."""
+    first = yaml.safe_load(sweep_dirs[0].read_text("spec.yaml"))
+    keys = {t.key: t for t in expand(load_frozen_spec(sweep_dirs[0]))}
+    for other in sweep_dirs[1:]:
+        spec = yaml.safe_load(other.read_text("spec.yaml"))
+        changed = sorted(p for p in changed_paths(first, spec) if p not in POOLED_PATHS)
+        if changed:
+            raise SweepsDiffer(
+                f"sweeps {sweep_dirs[0]} and {other} differ in {', '.join(changed)}; one report pools "
+                "sweeps of one spec that differ only in grid.seed"
+            )
+        twice = [keys[t.key].run_name for t in expand(load_frozen_spec(other)) if t.key in keys]
+        if twice:
+            raise SweepsDiffer(
+                f"sweeps {sweep_dirs[0]} and {other} both ran {', '.join(twice)}: pooled, those trials "
+                "would count twice"
+            )
+        keys.update({t.key: t for t in expand(load_frozen_spec(other))})
+
+
+def make_report(sweep_dirs: Location | list[Location], fmt: str, out: Path | None) -> WrittenReport:
+    """Write the table and figures to ``out`` and log those files, and only those, to the parent run
+    under ``report/``. One sweep's default ``out`` is ``<sweep dir>/report``, or ``./report/<name>`` for a
+    sweep in an object store.
+
+    Several sweeps of one spec over other seeds (:func:`check_poolable`) pool their finished trials into
+    one table and one comparison with the first sweep's published rows, as if one sweep had run every
+    seed; that report belongs to no single sweep, so it is logged to none and goes to ``out`` (default
+    ``./report/<name>+<name>...``)."""
+    dirs = sweep_dirs if isinstance(sweep_dirs, list) else [sweep_dirs]
+    if len(dirs) > 1:
+        check_poolable(dirs)
+    metas = [json.loads(d.read_text("sweep.json")) for d in dirs]
+    parents, records = [], []
+    for meta in metas:
+        client = MlflowClient(meta["tracking_uri"])
+        parent, found = collect(client, meta["sweep_id"])
+        parents.append(parent)
+        if len(dirs) > 1:  # run names repeat across sweeps: heatmap files stay apart
+            for record in found:
+                record.name = f"{meta['name']} {record.name}"
+        records += found
+    names = "+".join(m["name"] for m in metas)
     if not records:
         raise NothingToReport(
-            f"sweep {meta['name']} has no finished trial yet; `sweeper status {meta['name']}` shows its trials"
+            f"sweep {names} has no finished trial yet; `sweeper status {metas[0]['name']}` shows its trials"
         )
     if out is None:
-        local = sweep_dir.local_path
-        out = local / "report" if local is not None else Path("report") / meta["name"]
+        local = dirs[0].local_path
+        out = local / "report" if local is not None and len(dirs) == 1 else Path("report") / names
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(parent, records)
-    loaded = load_frozen_spec(sweep_dir)
+    rows = table_rows(parents, records)
+    loaded = load_frozen_spec(dirs[0])
     comparisons, left_out = reference_comparisons(loaded, records)
     table = out / f"results.{fmt}"
     files = [table]
@@ -388,10 +477,12 @@ def make_report(sweep_dir: Location, fmt: str, out: Path | None) -> WrittenRepor
         text += "\n" + left_out + "\n"
     table.write_text(text)
     files += write_figures(records, out)
-    # Only what was written here: ``out`` may be a folder of the user's (``--out .``) with other files.
-    for path in files:
-        folder = path.parent.relative_to(out)
-        client.log_artifact(
-            parent.info.run_id, str(path), "report" + ("" if folder == Path() else f"/{folder}")
-        )
-    return WrittenReport(out, rows, comparisons, left_out, files)
+    if len(dirs) == 1:
+        # Only what was written here: ``out`` may be a folder of the user's (``--out .``) with other files.
+        client = MlflowClient(metas[0]["tracking_uri"])
+        for path in files:
+            folder = path.parent.relative_to(out)
+            client.log_artifact(
+                parents[0].info.run_id, str(path), "report" + ("" if folder == Path() else f"/{folder}")
+            )
+    return WrittenReport(out, rows, comparisons, left_out, files, logged=len(dirs) == 1)

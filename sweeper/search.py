@@ -46,9 +46,23 @@ from ray.tune.search import Searcher
 
 from sweeper.location import parse_location
 from sweeper.points import BundlePoint, TrialPoint, point_from_dict
-from sweeper.tracking import TAG_BEST_PREFIX, TAG_FAILURE, TAG_STUDY, TAG_STUDY_TRIAL, TAG_SWEEP, TAG_TRIAL
+from sweeper.tracking import (
+    TAG_BEST_PREFIX,
+    TAG_FAILURE,
+    TAG_STUDY,
+    TAG_STUDY_TRIAL,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    study_name,
+)
 
 ORPHANED = "sweeper.orphaned"
+# What optuna-dashboard shows of a study and its trials (user attributes).
+STUDY_SWEEP = "sweep"
+STUDY_CELL = "cell"
+STUDY_PARENT_RUN = "mlflow_parent_run"
+STUDY_EXPERIMENT = "mlflow_experiment"
+TRIAL_RUN_ID = "mlflow_run_id"
 AUTO_ROUNDS = 4
 """``bundle: auto`` with search: bundles a quarter the size of a grid's, so a study is told results in at
 least this many rounds instead of asking its whole budget before any result (which is random search)."""
@@ -79,10 +93,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         if name == "tpe":
             return optuna.samplers.TPESampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
-
-
-def study_name(sweep_id: str, cell_key: str) -> str:
-    return f"{sweep_id}/{cell_key}"
 
 
 TUNE_SNAPSHOT = "experiment_state-*.json"
@@ -126,7 +136,7 @@ class CellSearcher(Searcher):
     dotted trial-config path -> distribution spec. ``bundle``: study trials per Tune trial
     (sweeper.points.BundlePoint); the objective is then told per member, from the bundle's
     ``m<i>:<metric>`` results. ``experiment``: Tune's experiment directory (a path or URI), whose trial
-    table tells a restored searcher which Tune trials will run again.
+    table tells a restored searcher which Tune trials will run again. ``sweep_name``: shown with each study.
     """
 
     def __init__(
@@ -144,6 +154,7 @@ class CellSearcher(Searcher):
         mode: str,
         bundle: int = 1,
         experiment: str | None = None,
+        sweep_name: str | None = None,
     ) -> None:
         # Tune checks that every result holds the searcher's metric; a bundle's results hold it per member
         # (m0:test_acc, ...), so bundled searchers keep the objective to themselves.
@@ -159,6 +170,7 @@ class CellSearcher(Searcher):
         self.storage_url = storage_url
         self.sweep = sweep
         self.experiment = experiment
+        self.sweep_name = sweep_name
         # Tune trial id -> its (cell index, study trial number) members: one, or a bundle's.
         self.live: dict[str, list[tuple[int, int]]] = {}
         self._studies: dict[int, optuna.Study] = {}
@@ -185,7 +197,28 @@ class CellSearcher(Searcher):
                 direction="maximize" if self.direction == "max" else "minimize",
                 load_if_exists=True,
             )
+            self._describe(index)
         return self._studies[index]
+
+    def _describe(self, index: int) -> None:
+        """What a study browser (optuna-dashboard) shows of a study: its sweep, cell and parent run as
+        user attributes, and its objective's name on the axes instead of "Objective 0". Studies made
+        before these existed get them when they are next opened."""
+        study = self._studies[index]
+        cell = self.cells[index]
+        attrs = {
+            STUDY_SWEEP: getattr(self, "sweep_name", None) or self.sweep.get("sweep_id"),
+            STUDY_CELL: cell.get("cell", cell["name"]),
+            STUDY_PARENT_RUN: self.sweep.get("parent_run_id"),
+            STUDY_EXPERIMENT: self.sweep.get("experiment_id"),
+        }
+        for key, value in attrs.items():
+            if value is not None and study.user_attrs.get(key) != value:
+                study.set_user_attr(key, value)
+        if study.metric_names != [self.objective]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([self.objective])
 
     def counted(self, index: int) -> list[optuna.trial.FrozenTrial]:
         """The cell's trials that count toward its budget (all but orphans of a killed driver)."""
@@ -225,17 +258,39 @@ class CellSearcher(Searcher):
         points = parsed.members if isinstance(parsed, BundlePoint) else (parsed,)
         return [(cells[p.tags[TAG_STUDY]], int(p.tags[TAG_STUDY_TRIAL])) for p in points]
 
+    def _runs_of(self, index: int, number: int) -> list[Any]:
+        """The MLflow runs of one study trial (one, unless a killed driver left another)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.sweep["tracking_uri"])
+        key = trial_key(self.cells[index]["key"], number)
+        return client.search_runs(
+            [self.sweep["experiment_id"]],
+            filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep['sweep_id']}' and tags.`{TAG_TRIAL}` = '{key}'",
+        )
+
+    def _name_run(self, index: int, number: int) -> None:
+        """Give the study trial its MLflow run's id, so a study browser leads to the run. Best effort: a
+        tracking store away for a moment must not keep the searcher from telling the study."""
+        try:
+            runs = self._runs_of(index, number)
+        except Exception:  # noqa: BLE001 - any store error; the run id is a convenience
+            return
+        finished = [r for r in runs if r.info.status == "FINISHED"] or runs
+        if finished:
+            study = self.study(index)
+            trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+            # Optuna's public Trial API sets attributes only from inside an objective; a finished trial
+            # cannot be changed at all, so this runs before the study is told.
+            study._storage.set_trial_user_attr(trial._trial_id, TRIAL_RUN_ID, finished[0].info.run_id)
+
     def _settle_run(self, index: int, number: int) -> tuple[bool, float | None]:
         """An unknown study trial's MLflow run: (True, its finite objective or None) if it FINISHED, else
         (False, None), the run KILLED if it was still RUNNING."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.sweep["tracking_uri"])
-        key = trial_key(self.cells[index]["key"], number)
-        runs = client.search_runs(
-            [self.sweep["experiment_id"]],
-            filter_string=f"tags.`{TAG_SWEEP}` = '{self.sweep['sweep_id']}' and tags.`{TAG_TRIAL}` = '{key}'",
-        )
+        runs = self._runs_of(index, number)
         for run in runs:
             if run.info.status == "FINISHED":
                 value = run.data.metrics.get(self.objective)
@@ -311,6 +366,7 @@ class CellSearcher(Searcher):
             if state.is_finished():
                 continue  # told before the driver was killed; the replayed Tune trial changes nothing
             prefix = BundlePoint.member_prefix(i) if len(members) > 1 else ""
+            self._name_run(index, number)
             value = result.get(prefix + self.objective)
             failed = error or f"{prefix}error" in result
             if failed or value is None or not math.isfinite(float(value)):

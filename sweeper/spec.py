@@ -10,6 +10,7 @@ allowed; nothing else in the program parses YAML.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -309,14 +310,17 @@ class PlannedTrial:
     index: int
     varying: dict[str, Any]
     config: TrialConfig
+    fixed: frozenset[str] = frozenset()
+    """Grid keys with one value in the whole grid (``dataset: [digits]``): no part of a run name."""
 
     @property
     def run_name(self) -> str:
-        """Short and readable at the width of MLflow's runs table: each varying field by the shortest tail
-        of its path that tells it from the others, values compact (``width=32 seed=0``,
-        ``etf=depth:2 seed=1``); the full dotted paths are the run's params."""
-        names = short_names(list(self.varying))
-        return " ".join(f"{names[k]}={_compact(v)}" for k, v in self.varying.items()) or "trial"
+        """Short and readable at the width of MLflow's runs table: each field that varies over the grid
+        by the shortest tail of its path that tells it from the others, values compact (``width=32
+        seed=0``, ``etf=depth:2 seed=1``); the full dotted paths are the run's params."""
+        shown = {k: v for k, v in self.varying.items() if k not in self.fixed} or self.varying
+        names = short_names(list(shown))
+        return " ".join(f"{names[k]}={_compact(v)}" for k, v in shown.items()) or "trial"
 
     @property
     def label(self) -> str:
@@ -782,6 +786,12 @@ def expand(loaded: LoadedSpec) -> list[PlannedTrial]:
         trials.append(PlannedTrial(key, index, varying, config))
     if errors:
         raise SpecError("\n".join(errors))
+    values: dict[str, set[str]] = {}
+    for trial in trials:
+        for path, value in trial.varying.items():
+            values.setdefault(path, set()).add(_short(value))
+    fixed = frozenset(path for path, seen_values in values.items() if len(seen_values) == 1)
+    trials = [dataclasses.replace(t, fixed=fixed) for t in trials] if len(trials) > 1 else trials
     seen: dict[str, PlannedTrial] = {}
     for t in trials:
         if t.key in seen:

@@ -16,6 +16,7 @@ from sweeper.tracking import (
     TAG_ROLE,
     TAG_SWEEP,
     TAG_TRIAL,
+    dashboard_command,
     sweep_view_url,
     ui_command,
 )
@@ -60,6 +61,7 @@ def sweep_status(sweep_dir: Location) -> dict[str, Any]:
         "charts": sweep_view_url(meta["tracking_uri"], parent.info.experiment_id, meta["sweep_id"])
         if parent
         else None,
+        "optuna": dashboard_command(meta["optuna_storage"]) if meta.get("optuna_storage") else None,
         "trials": rows,
     }
 
@@ -105,4 +107,6 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"MLflow: {status['mlflow']} (parent run {status['parent_run_id']})")
     if status["charts"]:
         lines.append(f"charts: {status['charts']}")
+    if status.get("optuna"):
+        lines.append(f"Optuna studies (one per cell): {status['optuna']}")
     return "\n".join(lines)

@@ -158,6 +158,23 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+def study_name(sweep_id: str, cell_key: str) -> str:
+    """A searched cell's Optuna study (kept as it was: a sweep's studies are found again by this name)."""
+    return f"{sweep_id}/{cell_key}"
+
+
+def dashboard_command(storage_url: str) -> str:
+    """How to browse a searched sweep's Optuna studies (each study's sweep, cell and MLflow runs are its
+    user attributes). A password in the URL is not shown: supply it as you gave it to the sweep."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(storage_url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: show it as given
+        shown = storage_url
+    return f"optuna-dashboard {shown}"
+
+
 VIEW_PREFIX = "mlflow.sharedViewState."
 """MLflow 3's saved views of an experiment's runs page are experiment tags under this prefix (the UI's
 Views menu lists them; ``?viewStateShareKey=<id>`` opens one)."""
@@ -191,23 +208,24 @@ def sweep_view_url(uri: str, experiment_id: str, sweep_id: str) -> str:
 def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, sweep_name: str) -> None:
     """Save the view a researcher wants of one sweep in the experiment's Views menu.
 
-    Runs of this sweep only, grouped by ``sweeper.cell``: one mean line per variant with its seeds'
-    min-max band. In MLflow's default view the parent run, which holds no curves, has an empty entry in
-    every chart's legend, and a view cannot hide a run (the UI drops hidden runs from a shared view's
-    state); grouping puts the parent, which has no cell, in the collapsed "Additional runs" group, out
-    of the charts. Written once; a resume finds it.
+    This sweep's trial runs, grouped by ``sweeper.cell``: one mean line per variant with its seeds'
+    min-max band. The parent run, which holds no curves, is left out by the view's filter: grouped, it
+    fell in an "Unassigned" group that the chart cards clipped but a chart opened full screen still listed,
+    and a view cannot hide a run otherwise (the UI drops hidden runs from a shared view's state). Written
+    once; a resume finds it, and rewrites a view saved in an older form.
     """
     key = VIEW_PREFIX + sweep_view_id(sweep_id)
-    if key in client.get_experiment(experiment_id).tags:
-        return
     state = {
-        "searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep_id}'",
+        "searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'trial'",
         "groupBy": {
             "groupByKeys": [{"mode": "tag", "groupByData": TAG_CELL}],
             "aggregateFunction": "average",
         },
         "useGroupedValuesInCharts": True,
     }
+    saved = client.get_experiment(experiment_id).tags.get(key)
+    if saved is not None and json.loads(json.loads(saved)["state"]) == state:
+        return
     now = int(time.time() * 1000)
     envelope = {
         "name": sweep_view_name(sweep_name),

@@ -13,10 +13,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *PAGES]
-SUBCOMMANDS = {"run", "validate", "plan", "resume", "status", "report", "data"}
+SUBCOMMANDS = {"run", "validate", "plan", "resume", "status", "report", "export", "data"}
 
-# What starts one of our commands; a command ends at a shell separator or a comment.
-PROGRAM = re.compile(r"(?:^|[\s(`$])(python -m sweeper|python -m trainables|sweeper)\s+(.*)")
+# What starts one of our commands (not Python's `from sweeper import ...`); a command ends at a shell
+# separator or a comment.
+PROGRAM = re.compile(
+    r"(?<!from)(?<!import)(?:^|[\s(`$])(python -m sweeper|python -m trainables|sweeper)\s+(.*)"
+)
 END = re.compile(r"\s(?:\||#|;|&&|>)|`")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 

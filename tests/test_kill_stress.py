@@ -25,6 +25,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.histories import assert_histories_match_mlflow
 from tests.services import kill_tree, mlflow_uri
 
 pytestmark = pytest.mark.slow
@@ -163,6 +164,8 @@ def _stress(tmp_path, spec, rng, planned_check) -> list[str]:
         left = {d.process.pid: d.alive_left() for d in killed if d.alive_left()}
         assert not left, f"processes of killed drivers still running: {left}"
         planned_check(client, tmp_path)
+        # Through every kill and restore, each trial once, each epoch once, as MLflow holds them.
+        assert_histories_match_mlflow(spec["name"], tmp_path / "sweeps")
         restored = [
             int(m.value)
             for child in _children(client)

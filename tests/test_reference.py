@@ -157,3 +157,31 @@ def test_a_paper_spec_started_before_it_had_published_numbers_is_the_same_sweep(
         spec_hash(load_spec_text(yaml.safe_dump(before), "x").resolved)
         == load_spec(ROOT / "search_spaces" / "etf_depth.yaml").hash
     )
+
+
+def test_a_searched_variants_row_is_each_seeds_best_trial_not_a_mean_over_the_search():
+    import json
+    from types import SimpleNamespace
+
+    from sweeper.report import COLUMNS, render_table, table_rows
+
+    def trial(seed: int, number: int, acc: float) -> TrialRecord:
+        values = {key: None for key, _ in COLUMNS} | {"best_test_acc": acc}
+        return TrialRecord(
+            "id", f"seed={seed} trial={number}", "etf.depth=1", [], {}, values, f"S/c{seed}", number
+        )
+
+    # Seed 0's study ran three settings, seed 1's two; each study's best (by the objective, as the
+    # searcher recorded it on the parent) is the one a reader compares with other variants.
+    records = [trial(0, 0, 0.50), trial(0, 1, 0.90), trial(0, 2, 0.70), trial(1, 0, 0.80), trial(1, 1, 0.60)]
+    best = {
+        "c0": {"cell": "x", "study_trial": 1, "value": 0.90, "params": {"svsl.alpha": 1e-6}},
+        "c1": {"cell": "y", "study_trial": 0, "value": 0.80, "params": {"svsl.alpha": 2e-6}},
+    }
+    tags = {"sweeper.sweep_id": "S"} | {f"sweeper.best.{k}": json.dumps(v) for k, v in best.items()}
+    (row,) = table_rows(SimpleNamespace(data=SimpleNamespace(tags=tags)), records)
+    assert row["n"] == 2 and row["searched"] == 5
+    assert row["best_test_acc"] == pytest.approx(0.85) and row["best_test_acc_std"] == pytest.approx(0.05)
+    assert row["best_params"] == [{"svsl.alpha": 1e-6}, {"svsl.alpha": 2e-6}]
+    table = render_table([row], "md")
+    assert "| etf.depth=1 | 2 |" in table and "| 5 |" in table and "each seed's best searched trial" in table

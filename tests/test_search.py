@@ -12,8 +12,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from sweeper.orchestrate import run_sweep
-from sweeper.search import ORPHANED
+from sweeper.results import load_trials
+from sweeper.search import ORPHANED, STUDY_CELL, STUDY_PARENT_RUN, STUDY_SWEEP, TRIAL_RUN_ID
 from sweeper.spec import SpecError, load_spec
+from sweeper.status import format_status, sweep_status
+from tests.histories import assert_histories_match_mlflow
 from tests.services import mlflow_uri, postgres_available, postgres_server
 
 pytestmark = pytest.mark.slow
@@ -94,9 +97,30 @@ def test_bundled_search_runs_exact_budget_per_cell_one_study_trial_per_member(tm
         for r in runs
         if r.data.tags.get("sweeper.role") == "trial"
     }
+    run_ids = {
+        (r.data.tags["sweeper.study"], int(r.data.tags["sweeper.study_trial"])): r.info.run_id
+        for r in runs
+        if r.data.tags.get("sweeper.role") == "trial"
+    }
+    parent = next(r for r in runs if r.data.tags.get("sweeper.role") == "parent")
     for name, study in _studies(storage_url).items():
         for trial in study.trials:
             assert trial.value == pytest.approx(logged[(name, trial.number)], rel=1e-12)
+            # optuna-dashboard leads from a study trial to its MLflow run...
+            assert trial.user_attrs[TRIAL_RUN_ID] == run_ids[(name, trial.number)]
+        # ...names the objective on its axes, and shows the sweep, the cell and the parent run.
+        assert study.metric_names == ["test_acc"]
+        cell = next(r.data.tags["sweeper.cell"] for r in runs if r.data.tags.get("sweeper.study") == name)
+        assert study.user_attrs[STUDY_SWEEP] == loaded.spec.name and study.user_attrs[STUDY_CELL] == cell
+        assert study.user_attrs[STUDY_PARENT_RUN] == parent.info.run_id
+    assert f"optuna-dashboard {storage_url}" in parent.data.tags["mlflow.note.content"]
+    status = sweep_status(result.sweep_dir)
+    assert status["optuna"] == f"optuna-dashboard {storage_url}" and status["optuna"] in format_status(status)
+    # Searched trials read as data: one row per study trial, naming its study and study trial.
+    frame = assert_histories_match_mlflow(loaded.spec.name, tmp_path / "sweeps")
+    trials = load_trials(loaded.spec.name, tmp_path / "sweeps")
+    assert sorted(zip(trials["study"], trials["study_trial"])) == sorted(logged)
+    assert set(frame["run_id"]) == set(trials["run_id"])
 
 
 def _searcher(tmp_path, **overrides):

@@ -63,6 +63,19 @@ def test_run_names_use_the_shortest_unambiguous_field_names():
     assert PlannedTrial("k", 0, {}, None).run_name == "trial"
 
 
+def test_run_names_leave_out_grid_fields_with_one_value(tmp_path):
+    # `dataset: [digits]` in a grid does not vary: first in the name, it pushed what does vary out of
+    # the runs table's width.
+    spec = yaml.safe_load(MINIMAL)
+    spec["grid"] = {"dataset": ["digits"], **spec["grid"]}
+    trials = expand(load_spec(write(tmp_path, yaml.safe_dump(spec))))
+    assert [t.run_name for t in trials][:2] == ["width=8 seed=0", "width=8 seed=1"]  # safe_dump sorts keys
+    # A grid of one point keeps its values rather than naming its run "trial".
+    spec["grid"] = {"dataset": ["digits"], "seed": [0]}
+    (only,) = expand(load_spec(write(tmp_path, yaml.safe_dump(spec))))
+    assert only.run_name == "dataset=digits seed=0"
+
+
 def test_grid_values_override_base_and_keys_are_stable(tmp_path):
     path = write(tmp_path, MINIMAL)
     trials = expand(load_spec(path))

@@ -17,9 +17,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.histories import assert_histories_match_mlflow
 from tests.services import mlflow_uri, s3_server
 
 pytestmark = pytest.mark.slow
@@ -227,9 +229,9 @@ def _saved_view(client, experiment_id) -> tuple[str, dict, dict]:
 
 def test_the_sweep_has_a_saved_chart_view_without_the_parent_in_its_legends(sweep):
     """MLflow's default chart view draws the parent run, which holds no curves, as an empty legend entry
-    in every chart. The sweep saves a view in the experiment's Views menu (this sweep's runs grouped by
+    in every chart. The sweep saves a view in the experiment's Views menu (this sweep's trials grouped by
     variant), linked from `run`'s output, `status` and the parent's description: every trial falls in a
-    variant's group and the parent, without a cell, in the collapsed remainder that charts leave out."""
+    variant's group and the parent is not in the view at all."""
     client, parent, children = _check_store(sweep.uri)
     experiment_id = parent.info.experiment_id
     view_id, envelope, state = _saved_view(client, experiment_id)
@@ -238,9 +240,9 @@ def test_the_sweep_has_a_saved_chart_view_without_the_parent_in_its_legends(swee
         "groupByKeys": [{"mode": "tag", "groupByData": "sweeper.cell"}],
         "aggregateFunction": "average",
     }
-    # Its filter, through MLflow's own search, selects this sweep's runs and no others.
+    # Its filter, through MLflow's own search, selects this sweep's trials and no other run.
     shown = client.search_runs([experiment_id], state["searchFilter"])
-    assert {r.info.run_id for r in shown} == {parent.info.run_id} | {c.info.run_id for c in children}
+    assert {r.info.run_id for r in shown} == {c.info.run_id for c in children}
     cells = Counter(c.data.tags["sweeper.cell"] for c in children)
     assert len(cells) == 2 and set(cells.values()) == {2}  # one line per width, over 2 seeds
     assert "sweeper.cell" not in parent.data.tags
@@ -323,7 +325,7 @@ def test_report_table_equals_mlflow_and_figures_are_images(sweep):
     assert "report/results.json" in logged and "report/ncc_acc_by_epoch.png" in logged
 
 
-def test_running_again_resumes_without_training_or_logging_twice(sweep):
+def test_running_again_resumes_without_training_or_logging_twice(sweep, monkeypatch):
     _, parent, children = _check_store(sweep.uri)
     sweep_uri = f"s3://sweeps/team/e2e?endpoint_override={sweep.endpoint}&scheme=http"
     status = sweep.cli("status", sweep_uri, "--json")
@@ -348,6 +350,14 @@ def test_running_again_resumes_without_training_or_logging_twice(sweep):
     assert _saved_view(client, parent.info.experiment_id)[1] == view_before
     assert f"charts: {state['charts']}" in sweep.cli("status", sweep_uri).stdout
     assert {c.info.run_id for c in children2} == {c.info.run_id for c in children}
+    # Read as data from the bucket after the resume: every member once, every epoch once.
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    frame = assert_histories_match_mlflow(sweep_uri, sweep.storage)
+    assert set(frame["run_id"]) == {c.info.run_id for c in children} and set(frame["epoch"]) == {1, 2, 3}
+    exported = sweep.cli("export", sweep_uri, "--trials", "--out", str(sweep.tmp_path / "trials.csv"))
+    assert exported.returncode == 0, exported.stderr
+    assert len(pd.read_csv(sweep.tmp_path / "trials.csv")) == 4
     missing = sweep.cli("status", f"s3://sweeps/team/nothing?endpoint_override={sweep.endpoint}&scheme=http")
     assert missing.returncode == 2 and "no sweep" in missing.stderr and "Traceback" not in missing.stderr
 
