@@ -43,3 +43,17 @@ def test_speed_benchmark_runs_in_ci_size():
         "| quickstart MLP (digits 8x8, depth 4, width 64, batch 128) | trials per node |",
     ):
         assert row in out, out
+
+
+@pytest.mark.slow
+def test_results_benchmark_runs_in_ci_size():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_results.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Each way of reading ran and read the same rows (the script stops where they differ).
+    for way in ("the database directly", "through mlflow server", "get_metric_history per run and key"):
+        assert f"| sqlite | load_histories, {way}" in proc.stdout or f"| sqlite | {way}" in proc.stdout
