@@ -48,6 +48,9 @@ HEADLINE = (
     "interpolation_epoch",
 )
 """What ``TrialTracker.finish`` logs once at step 0: columns of the trials table, not histories."""
+EVENTS = ("restored_from_epoch",)
+"""Logged once per event, not per epoch (two restores from epoch 5 are two points at step 5): not
+histories. A trial's restores are in MLflow."""
 SPLITS = ("train", "test")
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 BULK_ENDPOINT = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
@@ -196,7 +199,7 @@ def split_key(key: str) -> tuple[str, str | None, str | None]:
 
 
 def _wanted(key: str, metrics, splits, layers) -> bool:
-    if key in HEADLINE or key == SENTINEL:
+    if key in HEADLINE or key in EVENTS or key == SENTINEL:
         return False
     metric, split, layer = split_key(key)
     return (

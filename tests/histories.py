@@ -8,7 +8,7 @@ import math
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from sweeper.results import HEADLINE, load_histories, load_trials, open_sweeps
+from sweeper.results import EVENTS, HEADLINE, load_histories, load_trials, open_sweeps
 from sweeper.tracking import SENTINEL
 
 
@@ -18,7 +18,7 @@ def mlflow_histories(client: MlflowClient, run, keys=None) -> dict[tuple[str, in
     complete = {m.step for m in client.get_metric_history(run.info.run_id, SENTINEL)}
     out = {}
     for key in keys or run.data.metrics:
-        if key in HEADLINE or key == SENTINEL:
+        if key in HEADLINE or key in EVENTS or key == SENTINEL:
             continue
         points = [m for m in client.get_metric_history(run.info.run_id, key) if m.step in complete]
         steps = [m.step for m in points]
