@@ -30,6 +30,9 @@ from trainables.config import TrialConfig, changed_paths, get_path
 from trainables.data import data_root
 
 TUNE_DIR = "tune"
+LABELS_VERSION = 2
+"""sweep.json's ``labels``: 2 = cells tagged and studies named by readable labels; absent = by paths
+and hashes (sweeps made before)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ def prepare_sweep_dir(loaded: LoadedSpec, sweep_dir: Location, tracking_uri: str
             "tracking_uri": tracking_uri,
             "name": loaded.spec.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # Cells are tagged and studies named by their readable labels (PlannedTrial.cell_label);
+            # sweeps made before keep the names they started with, so resumed trials still group.
+            "labels": LABELS_VERSION,
         }
         sweep_dir.write_text("spec.yaml", yaml.safe_dump(loaded.resolved, sort_keys=False))
         # sweep.json last: its presence means the directory is complete.
@@ -416,7 +422,7 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
             experiment.path, trainable=trainable, resume_errored=True, storage_filesystem=fs
         )
     if searcher is None:
-        points = grid_points(trials)
+        points = grid_points(trials, readable_labels(sweep.meta))
         if spec.bundle != 1:
             points = bundle_points(points, [t.config for t in trials], spec.bundle, _trial_slots(loaded))
         param_space = {
@@ -448,14 +454,18 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
     )
 
 
-def grid_points(trials: list[PlannedTrial]) -> list[TrialPoint]:
+def readable_labels(meta: dict[str, Any]) -> bool:
+    return meta.get("labels", 1) >= LABELS_VERSION
+
+
+def grid_points(trials: list[PlannedTrial], readable: bool = True) -> list[TrialPoint]:
     """One Tune "point" per planned trial."""
     return [
         TrialPoint(
             trial=t.config.model_dump(mode="json"),
             key=t.key,
             name=t.run_name,
-            cell=t.cell,
+            cell=t.cell_label if readable else t.cell,
             order=f"{t.index:06d}",
             data_root=str(data_root(t.config.data)),
         )
@@ -645,13 +655,22 @@ def optuna_storage_url(loaded: LoadedSpec, sweep_dir: Location) -> str:
 
 def _searcher(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep):
     from sweeper.search import CellSearcher
+    from sweeper.tracking import key_label, readable_study_name, study_name
 
     search = loaded.spec.search
+    readable, sweep_id = readable_labels(sweep.meta), sweep.meta["sweep_id"]
     cells = [
         {
             "key": t.key,
             "name": t.run_name,
-            "cell": t.label,
+            "cell": t.cell_label if readable else t.label,
+            "label": t.study_label if readable else t.run_name,
+            "study": (
+                readable_study_name(loaded.spec.name, sweep_id, t.study_label)
+                if readable
+                else study_name(sweep_id, t.key)
+            ),
+            "best_key": key_label(t.study_label) if readable else t.key,
             "trial": t.config.model_dump(mode="json"),
             "data_root": str(data_root(t.config.data)),
             "group": _group(t.config),

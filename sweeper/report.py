@@ -46,7 +46,7 @@ from sweeper.tracking import (
     history_of,
     study_name,
 )
-from trainables.config import changed_paths
+from trainables.config import TrialConfig, changed_paths
 
 COLUMNS = list(REPORT_COLUMNS.items())
 SPREAD_STDS = 2.0
@@ -190,7 +190,7 @@ def table_rows(parents, records: list[TrialRecord]) -> list[dict[str, Any]]:
     """One row per variant over ``records``; ``parents``: the sweeps' parent runs (one, or a list).
 
     A searched variant's trials are its studies' search, not repetitions: its row is the best trial of
-    each study (one study per seed), as the parents' ``sweeper.best.<cell key>`` tags name them, with the
+    each study (one study per seed), as the parents' ``sweeper.best.<study label>`` tags name them, with the
     spread over seeds of those best trials; ``searched`` counts every trial the search ran."""
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for parent in parents if isinstance(parents, list) else [parents]:
@@ -198,7 +198,7 @@ def table_rows(parents, records: list[TrialRecord]) -> list[dict[str, Any]]:
         for key, value in parent.data.tags.items():
             if key.startswith(TAG_BEST_PREFIX):
                 info = json.loads(value)
-                study = study_name(sweep_id, key[len(TAG_BEST_PREFIX) :])
+                study = info.get("study") or study_name(sweep_id, key[len(TAG_BEST_PREFIX) :])
                 best[(study, int(info["study_trial"]))] = info
     rows = []
     for cell in dict.fromkeys(r.cell for r in records):
@@ -313,17 +313,19 @@ def reference_comparisons(
     narrowed with ``--set``; the spec file's own grid has them all), or None."""
     if not loaded.spec.reference:
         return [], None
-    configs = {}
+    configs: dict[str, tuple[str, TrialConfig]] = {}
     for trial in expand(loaded):
-        configs.setdefault(trial.cell, trial.config)
+        # Trials are tagged with the cell's label; by its full paths in sweeps made before labels.
+        configs.setdefault(trial.cell_label, (trial.cell, trial.config))
     out = []
     absent = []
     for i, ref in enumerate(loaded.spec.reference):
-        matched = [cell for cell, config in configs.items() if reference_matches(ref, config)]
+        matched = [cell for cell, (_, config) in configs.items() if reference_matches(ref, config)]
         if not matched:
             absent.append(i)
-        for cell in matched:
-            members = [r for r in records if r.cell == cell]
+        for label in matched:
+            members = [r for r in records if r.cell in (label, configs[label][0])]
+            cell = members[0].cell if members else label
             for key, paper in ref.values.items():
                 scale = 100.0 if key in PERCENT_COLUMNS else 1.0
                 ours = [scale * r.values[key] for r in members if r.values[key] is not None]

@@ -191,7 +191,7 @@ class CellSearcher(Searcher):
         if index not in self._studies:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self._studies[index] = optuna.create_study(
-                study_name=study_name(self.sweep["sweep_id"], self.cells[index]["key"]),
+                study_name=self.study_name_of(index),
                 storage=optuna.storages.RDBStorage(self.storage_url),
                 sampler=make_sampler(self.sampler, self.seed + index),
                 direction="maximize" if self.direction == "max" else "minimize",
@@ -199,6 +199,10 @@ class CellSearcher(Searcher):
             )
             self._describe(index)
         return self._studies[index]
+
+    def study_name_of(self, index: int) -> str:
+        # Cells pickled (in a resumed sweep's tuner.pkl) before studies had readable names keep theirs.
+        return self.cells[index].get("study") or study_name(self.sweep["sweep_id"], self.cells[index]["key"])
 
     def _describe(self, index: int) -> None:
         """What a study browser (optuna-dashboard) shows of a study: its sweep, cell and parent run as
@@ -208,7 +212,7 @@ class CellSearcher(Searcher):
         cell = self.cells[index]
         attrs = {
             STUDY_SWEEP: getattr(self, "sweep_name", None) or self.sweep.get("sweep_id"),
-            STUDY_CELL: cell.get("cell", cell["name"]),
+            STUDY_CELL: cell.get("label") or cell.get("cell", cell["name"]),
             STUDY_PARENT_RUN: self.sweep.get("parent_run_id"),
             STUDY_EXPERIMENT: self.sweep.get("experiment_id"),
         }
@@ -253,7 +257,7 @@ class CellSearcher(Searcher):
 
     def _members(self, point: dict[str, Any]) -> list[tuple[int, int]]:
         """A Tune trial's (cell index, study trial number) members, from the point this searcher gave it."""
-        cells = {study_name(self.sweep["sweep_id"], cell["key"]): i for i, cell in enumerate(self.cells)}
+        cells = {self.study_name_of(i): i for i in range(len(self.cells))}
         parsed = point_from_dict(point)
         points = parsed.members if isinstance(parsed, BundlePoint) else (parsed,)
         return [(cells[p.tags[TAG_STUDY]], int(p.tags[TAG_STUDY_TRIAL])) for p in points]
@@ -352,7 +356,7 @@ class CellSearcher(Searcher):
             cell=cell.get("cell", cell["name"]),  # searchers pickled before cells had a label
             order=f"{index:06d}-{number:06d}",
             data_root=cell["data_root"],
-            tags={TAG_STUDY: study_name(self.sweep["sweep_id"], cell["key"]), TAG_STUDY_TRIAL: str(number)},
+            tags={TAG_STUDY: self.study_name_of(index), TAG_STUDY_TRIAL: str(number)},
         )
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -394,14 +398,21 @@ def best_per_cell(searcher: CellSearcher) -> tuple[dict[str, float], dict[str, s
 
     metrics, tags = {}, {}
     for index, cell in enumerate(searcher.cells):
+        key = cell.get("best_key", cell["key"])  # by the study's label; by hash in older sweeps
         done = [t for t in searcher.counted(index) if t.state == TrialState.COMPLETE]
-        metrics[f"trials_complete/{cell['key']}"] = float(len(done))
+        metrics[f"trials_complete/{key}"] = float(len(done))
         if not done:
             continue
         best = (max if searcher.direction == "max" else min)(done, key=lambda t: t.value)
-        metrics[f"best_value/{cell['key']}"] = float(best.value)
-        tags[f"{TAG_BEST_PREFIX}{cell['key']}"] = json.dumps(
-            {"cell": cell["name"], "study_trial": best.number, "value": best.value, "params": best.params}
+        metrics[f"best_value/{key}"] = float(best.value)
+        tags[f"{TAG_BEST_PREFIX}{key}"] = json.dumps(
+            {
+                "cell": cell.get("label", cell["name"]),
+                "study": searcher.study_name_of(index),
+                "study_trial": best.number,
+                "value": best.value,
+                "params": best.params,
+            }
         )
     return metrics, tags
 

@@ -313,24 +313,44 @@ class PlannedTrial:
     fixed: frozenset[str] = frozenset()
     """Grid keys with one value in the whole grid (``dataset: [digits]``): no part of a run name."""
 
+    def _named(self, keep_fixed: bool = True) -> dict[str, str]:
+        """``name=value`` per varying field: the shortest tail of its path that tells it from the other
+        varying fields, the value compact; fields with one value in the whole grid are left out (all
+        kept when nothing else is left, with ``keep_fixed``)."""
+        shown = {k: v for k, v in self.varying.items() if k not in self.fixed}
+        if not shown and keep_fixed:
+            shown = self.varying
+        names = short_names(list(shown))
+        return {k: f"{names[k]}={_compact(v)}" for k, v in shown.items()}
+
     @property
     def run_name(self) -> str:
-        """Short and readable at the width of MLflow's runs table: each field that varies over the grid
-        by the shortest tail of its path that tells it from the others, values compact (``width=32
-        seed=0``, ``etf=depth:2 seed=1``); the full dotted paths are the run's params."""
-        shown = {k: v for k, v in self.varying.items() if k not in self.fixed} or self.varying
-        names = short_names(list(shown))
-        return " ".join(f"{names[k]}={_compact(v)}" for k, v in shown.items()) or "trial"
+        """Short and readable at the width of MLflow's runs table: the cell's label and the seed
+        (``width=32 seed=0``, ``etf=depth:2 seed=1``); the full dotted paths are the run's params."""
+        return " ".join(self._named().values()) or "trial"
+
+    @property
+    def cell_label(self) -> str:
+        """The grid cell as every client shows it: the run name without the seed (``etf=depth:2``;
+        ``all`` when only seeds vary). The ``sweeper.cell`` tag the MLflow view groups by, the variant
+        column of ``report`` and ``export``, the Optuna study names and the parent's best-of-cell keys."""
+        return " ".join(v for k, v in self._named(keep_fixed=False).items() if k != "seed") or "all"
+
+    @property
+    def study_label(self) -> str:
+        """A searched cell's label with its seed (each seed has its own study): the run name."""
+        return " ".join(self._named().values()) or "all"
 
     @property
     def label(self) -> str:
         """Every varying value by its full path (``model.mlp.width=32,seed=0``): a searched cell's
-        ``sweeper.cell`` tag, in the format sweeps have always tagged with (so resumed ones still group)."""
+        ``sweeper.cell`` tag in sweeps made before ``cell_label`` (their resumed trials still group)."""
         return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items()) or "trial"
 
     @property
     def cell(self) -> str:
-        """The grid cell: the varying values except the seed (seeds are repeats of one variant)."""
+        """The grid cell by full paths, without the seed: a grid trial's ``sweeper.cell`` tag in sweeps
+        made before ``cell_label``."""
         return ",".join(f"{k}={_short(v)}" for k, v in self.varying.items() if k != "seed") or "all"
 
 
@@ -630,7 +650,7 @@ def _trials_of_written_grid(
 def check_reference(loaded: LoadedSpec, trials: list[PlannedTrial]) -> None:
     """Every reference row must match at least one variant of the grid (else it compares with nothing)."""
     errors = []
-    cells = list(dict.fromkeys(t.cell for t in trials))
+    cells = list(dict.fromkeys(t.cell_label for t in trials))
     for i, row in enumerate(loaded.spec.reference):
         if not any(reference_matches(row, t.config) for t in trials):
             shown = ", ".join(cells[:8]) + (f" (and {len(cells) - 8} more)" if len(cells) > 8 else "")

@@ -159,8 +159,22 @@ def ui_command(uri: str) -> str:
 
 
 def study_name(sweep_id: str, cell_key: str) -> str:
-    """A searched cell's Optuna study (kept as it was: a sweep's studies are found again by this name)."""
+    """A searched cell's Optuna study in sweeps made before readable names (found again by this name)."""
     return f"{sweep_id}/{cell_key}"
+
+
+def readable_study_name(sweep_name: str, sweep_id: str, label: str) -> str:
+    """A searched cell's Optuna study as optuna-dashboard lists it (names only): the sweep, the cell's
+    label, and enough of the sweep id that two sweeps of one name sharing a storage never share a study
+    (48 random bits). Optuna cannot rename a study, so a sweep keeps the names it started with."""
+    return f"{sweep_name} {label} [{sweep_id[:12]}]"
+
+
+def key_label(label: str) -> str:
+    """A cell label as part of an MLflow metric or tag key, which allow letters, digits and ``_-. :/``
+    only: ``etf=depth:1,kind:adaptive seed=0`` -> ``etf:depth:1 kind:adaptive seed:0``."""
+    out = label.replace("=", ":").replace(",", " ")
+    return re.sub(r"[^\w.\- :]", "_", out)
 
 
 def dashboard_command(storage_url: str) -> str:
@@ -209,10 +223,12 @@ def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, s
     """Save the view a researcher wants of one sweep in the experiment's Views menu.
 
     This sweep's trial runs, grouped by ``sweeper.cell``: one mean line per variant with its seeds'
-    min-max band. The parent run, which holds no curves, is left out by the view's filter: grouped, it
-    fell in an "Unassigned" group that the chart cards clipped but a chart opened full screen still listed,
-    and a view cannot hide a run otherwise (the UI drops hidden runs from a shared view's state). Written
-    once; a resume finds it, and rewrites a view saved in an older form.
+    min-max band. The parent run, which holds no curves, is left out: grouped, it fell in an "Unassigned"
+    group that every chart legend listed (full screen too). The filter selects trials only, and the
+    order is by run name, because MLflow 3.17's UI adds the parents of matching runs to the results
+    whenever they are ordered by start time (its default; ``shouldFetchParents`` in its runs search). A
+    view cannot hide a run otherwise (the UI drops hidden runs from a shared view's state). Written once;
+    a resume finds it, and rewrites a view saved in an older form.
     """
     key = VIEW_PREFIX + sweep_view_id(sweep_id)
     state = {
@@ -222,6 +238,8 @@ def ensure_sweep_view(client: MlflowClient, experiment_id: str, sweep_id: str, s
             "aggregateFunction": "average",
         },
         "useGroupedValuesInCharts": True,
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
     }
     saved = client.get_experiment(experiment_id).tags.get(key)
     if saved is not None and json.loads(json.loads(saved)["state"]) == state:

@@ -47,7 +47,7 @@ def test_a_reference_row_matching_no_variant_is_refused_naming_the_row():
     bad = SPEC + REFERENCE.replace("etf: {depth: 1}", "etf: {depth: 2}")
     with pytest.raises(SpecError, match=r"x.yaml: reference\[1\].match: .*matches no variant") as err:
         load_spec_text(bad, "x.yaml")
-    assert 'etf={"depth":0}' in str(err.value)
+    assert "its variants: etf=depth:0, etf=depth:1" in str(err.value)
     with pytest.raises(SpecError, match=r"reference\[0\]\.values\.best_acc.*should be 'trainable_params'"):
         load_spec_text(SPEC + REFERENCE.replace("best_test_acc: 90.0", "best_acc: 90.0"), "x.yaml")
     with pytest.raises(SpecError, match=r"reference match key 'model.mlp.height'.*allowed: preset, depth"):
@@ -122,12 +122,13 @@ def test_comparisons_give_difference_and_flag_a_value_outside_two_sample_stds():
 
 def test_one_seed_or_none_says_so_instead_of_flagging():
     loaded = load_spec_text(SPEC + REFERENCE, "x.yaml")
-    rows, _ = reference_comparisons(loaded, [_record('etf={"depth":0}', 0.5)])
+    # Trials tagged with cell labels (the tests above use the full-path tags of sweeps made before them).
+    rows, _ = reference_comparisons(loaded, [_record("etf=depth:0", 0.5)])
     by_variant = {(c["variant"], c["column"]): c for c in rows}
-    one = by_variant[('etf={"depth":0}', "best_test_acc")]
+    one = by_variant[("etf=depth:0", "best_test_acc")]
     assert one["n"] == 1 and one["difference"] == pytest.approx(40.0)
     assert one["check"] == "1 seed: no spread to compare with"
-    assert by_variant[('etf={"depth":1}', "best_test_acc")]["check"] == "no finished trial"
+    assert by_variant[("etf=depth:1", "best_test_acc")]["check"] == "no finished trial"
 
 
 def test_published_numbers_changed_later_reach_the_frozen_spec_of_the_same_sweep(tmp_path):

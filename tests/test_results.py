@@ -279,6 +279,6 @@ def test_the_analysis_script_in_docs_runs_on_two_real_sweeps(sweeps):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Each sweep's variants with their seed counts, and the two figures as real PNGs.
-    assert "model.mlp.width=8" in proc.stdout and "model.mlp.width=12" in proc.stdout
+    assert "width=8" in proc.stdout and "width=12" in proc.stdout
     for name in ("by_layer.png", "compare.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

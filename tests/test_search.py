@@ -3,6 +3,7 @@ after SIGKILLs of the driver mid-search is tests/test_kill_stress.py."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import optuna
@@ -16,6 +17,7 @@ from sweeper.results import load_trials
 from sweeper.search import ORPHANED, STUDY_CELL, STUDY_PARENT_RUN, STUDY_SWEEP, TRIAL_RUN_ID
 from sweeper.spec import SpecError, load_spec
 from sweeper.status import format_status, sweep_status
+from sweeper.tracking import key_label
 from tests.histories import assert_histories_match_mlflow
 from tests.services import mlflow_uri, postgres_available, postgres_server
 
@@ -66,13 +68,31 @@ def _check_exact_budget(storage_url, uri, cells=2, budget=3, experiment="search-
     assert len(finished) == cells * budget
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert Counter(r.data.tags["sweeper.study"] for r in finished) == {name: budget for name in studies}
+    # One label per cell in every client: the tag the chart view groups by, the run name, the study's
+    # name (the sweep's name, the label, a piece of the sweep id), the parent's best-of-cell keys.
+    parent = next(r for r in runs if r.data.tags.get("sweeper.role") == "parent")
+    sweep_id = parent.data.tags["sweeper.sweep_id"]
+    labels = {"etf=depth:0", "etf=depth:1"}
     for run in finished:
-        assert run.data.tags["sweeper.cell"] in ('etf={"depth":0}', 'etf={"depth":1}')
+        cell = run.data.tags["sweeper.cell"]
+        assert cell in labels
+        assert run.info.run_name.startswith(f"{cell} trial=")
+        assert run.data.tags["sweeper.study"] == f"{parent.info.run_name} {cell} [{sweep_id[:12]}]"
         assert run.data.tags["sweeper.study_trial"].isdigit()
         assert 5e-8 <= float(run.data.params["svsl.alpha"]) <= 5e-5
-    parent = next(r for r in runs if r.data.tags.get("sweeper.role") == "parent")
-    assert len([k for k in parent.data.metrics if k.startswith("best_value/")]) == cells
-    assert len([k for k in parent.data.tags if k.startswith("sweeper.best.")]) == cells
+    assert {k for k in parent.data.metrics if k.startswith("best_value/")} == {
+        "best_value/etf:depth:0",
+        "best_value/etf:depth:1",
+    }
+    best = {k: json.loads(v) for k, v in parent.data.tags.items() if k.startswith("sweeper.best.")}
+    assert {k: v["cell"] for k, v in best.items()} == {
+        "sweeper.best.etf:depth:0": "etf=depth:0",
+        "sweeper.best.etf:depth:1": "etf=depth:1",
+    }
+    for info in best.values():
+        assert info["study"] in studies
+        trial = studies[info["study"]].trials[info["study_trial"]]
+        assert trial.value == info["value"] == parent.data.metrics[f"best_value/{key_label(info['cell'])}"]
 
 
 def test_bundled_search_runs_exact_budget_per_cell_one_study_trial_per_member(tmp_path, local_ray):

@@ -82,7 +82,34 @@ def test_grid_values_override_base_and_keys_are_stable(tmp_path):
     assert [(t.config.seed, t.config.model.mlp.width) for t in trials] == [(0, 8), (0, 16), (1, 8), (1, 16)]
     assert [t.key for t in trials] == [t.key for t in expand(load_spec(path))]
     assert trials[1].run_name == "seed=0 width=16"  # short at table width; params keep the full paths
+    # One readable label per cell for every client (the run name without its seed); sweeps made before
+    # it keep tagging by full paths, so their resumed trials still group with the earlier ones.
+    assert trials[1].cell_label == "width=16" and trials[1].study_label == "seed=0 width=16"
     assert trials[1].cell == "model.mlp.width=16"
+
+
+def test_cell_labels_leave_out_single_valued_fields_and_compact_values(tmp_path):
+    from sweeper.orchestrate import grid_points
+
+    spec = yaml.safe_load(MINIMAL)
+    spec["grid"] = {"dataset": ["digits"], "etf": [{"depth": 0}, {"depth": 2}], "seed": [0, 1]}
+    trials = expand(load_spec(write(tmp_path, yaml.safe_dump(spec))))
+    assert [t.cell_label for t in trials] == ["etf=depth:0"] * 2 + ["etf=depth:2"] * 2
+    assert [t.run_name for t in trials][:2] == ["etf=depth:0 seed=0", "etf=depth:0 seed=1"]
+    assert [p.cell for p in grid_points(trials)] == [t.cell_label for t in trials]
+    assert grid_points(trials, readable=False)[0].cell == 'dataset=digits,etf={"depth":0}'
+    spec["grid"] = {"seed": [0, 1]}  # only seeds vary: one variant
+    assert {t.cell_label for t in expand(load_spec(write(tmp_path, yaml.safe_dump(spec))))} == {"all"}
+
+
+def test_key_label_is_a_valid_mlflow_key():
+    from mlflow.utils.validation import _validate_metric_name
+
+    from sweeper.tracking import key_label
+
+    for label in ["etf=depth:1,kind:adaptive seed=0", 'data.root=/x/y name="a b" l=[1,2]', "all"]:
+        _validate_metric_name(f"best_value/{key_label(label)}")
+    assert key_label("etf=depth:1,kind:adaptive seed=0") == "etf:depth:1 kind:adaptive seed:0"
 
 
 def test_overrides_and_name(tmp_path):
