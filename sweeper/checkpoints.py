@@ -42,3 +42,31 @@ class TrialCheckpoint:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self.location.write_bytes(self.name, buffer.getvalue())
+
+
+STOP_MARKER = "STOP"
+"""``<sweep dir>/checkpoints/STOP``: the driver asks every running trial to checkpoint the epoch it is at
+(a wall-time signal, a preemption, Ctrl-C); the next run removes it before any trial starts."""
+
+
+class StopProbe:
+    """A trial's view of the stop marker: looked up at most every ``interval`` seconds (an object store
+    answers a HEAD per look), and once seen, seen for good (a checkpoint decision must not flip)."""
+
+    def __init__(self, folder: str | None, interval: float = 2.0) -> None:
+        self.location = parse_location(folder) if folder else None
+        self.interval = interval
+        self.seen = False
+        self._next = 0.0
+
+    def __call__(self) -> bool:
+        import time
+
+        if self.seen or self.location is None or time.monotonic() < self._next:
+            return self.seen
+        self._next = time.monotonic() + self.interval
+        try:
+            self.seen = self.location.exists(STOP_MARKER)
+        except OSError:
+            pass  # storage away for a moment: asked again next epoch
+        return self.seen

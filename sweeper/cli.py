@@ -49,6 +49,8 @@ ENVIRONMENT = """environment:
   SWEEPER_MAX_TRIALS        refuse grids of more trials than this (default: 20000)
   SWEEPER_PROGRESS_SECONDS  seconds between progress lines when not on a terminal (default: 30)
   SWEEPER_TRACKING_RETRY_S  how long trials wait for a tracking server that went away (default: 900)
+  SWEEPER_STOP_GRACE_S      on Ctrl-C or SIGTERM, how long to wait for running trials to checkpoint
+                            (default: 120); run and resume then exit 75
 """
 
 
@@ -148,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted() -> type[Exception]:
+    from sweeper.orchestrate import SweepInterrupted
+
+    return SweepInterrupted
+
+
+def _print_interrupted(stopped, sweep: str) -> int:
+    """One line for a stopped sweep (no Tune advice, no traceback); the exit status the SLURM script
+    requeues on."""
+    from sweeper.graceful import EXIT_INTERRUPTED
+
+    print(
+        f"stopped ({stopped.reason}): finished trials are kept, the others continue from their "
+        f"checkpoints with: sweeper resume {sweep}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
 def show_status(args: argparse.Namespace) -> int:
     from sweeper.report import resolve_sweep_dir
     from sweeper.status import format_status, sweep_status
@@ -180,6 +201,9 @@ def resume(args: argparse.Namespace) -> int:
     except (FileNotFoundError, SpecError, LocationError, *_unreachable()) as err:
         print(f"error: resume: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _interrupted() as stopped:
+        shown = args.sweep if args.storage == "sweeps" else f"{args.sweep} --storage {args.storage}"
+        return _print_interrupted(stopped, shown)
     _print_results(result)
     return 0 if all(o.status == "FINISHED" for o in result.outcomes) else 1
 
@@ -413,6 +437,10 @@ def _main(argv: list[str] | None) -> int:
     except (SpecError, LocationError, *_unreachable()) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _interrupted() as stopped:
+        name = loaded.spec.name
+        shown = name if args.storage == "sweeps" else f"{name} --storage {args.storage}"
+        return _print_interrupted(stopped, shown)
     _print_results(result)
     return 0 if all(o.status == "FINISHED" for o in result.outcomes) else 1
 

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -237,13 +239,18 @@ def run_sweep(
     if not isinstance(storage, Location):
         storage = parse_location(storage)
     preflight(loaded, trials, address, kept_tracking_uri(storage.child(loaded.spec.name)) or tracking_uri)
+    from sweeper import graceful
+
     started = time.perf_counter()
     sweep = open_sweep(loaded, storage, tracking_uri)
     with ray_session(sweep, address, verbose):
         loaded = calibrate_sweep(loaded, trials, sweep)
         searcher = _searcher(loaded, trials, sweep) if loaded.spec.search else None
         tuner = build_tuner(loaded, trials, sweep, searcher, progress)
-        grid = tuner.fit()
+        grid = fit_stoppably(tuner, sweep.sweep_dir.child(CHECKPOINT_DIR).uri)
+    if graceful.stop_reason() is not None or any(r.config is None for r in grid):
+        # Stopped (a signal): Tune saved its state, the MLflow runs stay RUNNING; `resume` continues.
+        raise SweepInterrupted(graceful.stop_reason() or "an interrupt", sweep.sweep_dir)
     outcomes = collect_outcomes(grid)
     finish_sweep(loaded, sweep, outcomes, searcher)
     report_to_parent(sweep)
@@ -256,6 +263,44 @@ def run_sweep(
         outcomes,
         time.perf_counter() - started,
     )
+
+
+class SweepInterrupted(Exception):
+    """The sweep was stopped by a signal before every trial ended; ``resume`` continues it."""
+
+    def __init__(self, reason: str, sweep_dir: Location) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.sweep_dir = sweep_dir
+
+
+def _quiet_tune_stop(record: logging.LogRecord) -> bool:
+    # Tune's own words on a stop advise Tuner.restore; `run`/`resume` end with the sweeper's own line.
+    quiet = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+    return not record.getMessage().startswith(quiet)
+
+
+def fit_stoppably(tuner, checkpoints: str):
+    """``tuner.fit()`` with sweeper.graceful's stop: no marker left from a run before, and SIGTERM
+    handled until Tune's own handlers and the GracefulStop callback's are in place (a restored sweep
+    made before the callback existed keeps this fallback: Tune's stop, from the last regular checkpoints)."""
+    from sweeper import graceful
+
+    graceful.reset()
+    graceful.clear_stop_marker(checkpoints)
+    logging.getLogger("ray.tune.tune").addFilter(_quiet_tune_stop)
+
+    def on_term(signum, frame):
+        graceful.note_stop("SIGTERM")
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's graceful stop
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        return tuner.fit()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def preflight(loaded: LoadedSpec, trials: list[PlannedTrial], address: str | None, tracking_uri: str) -> None:
@@ -408,6 +453,7 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
     table and params), else new, over the grid's points (or bundles of them) or the searcher's."""
     from ray import tune
 
+    from sweeper.graceful import GracefulStop
     from sweeper.progress import ProgressPrinter
     from sweeper.trial import run_trial
 
@@ -438,7 +484,7 @@ def build_tuner(loaded: LoadedSpec, trials: list[PlannedTrial], sweep: OpenSweep
     objective = spec.objective
     callbacks = (
         [ProgressPrinter(total, objective.metric, objective.mode, spec.train.epochs)] if progress else []
-    )
+    ) + [GracefulStop(sweep.sweep_dir.child(CHECKPOINT_DIR).uri)]
     return tune.Tuner(
         trainable,
         param_space=param_space,

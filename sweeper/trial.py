@@ -18,7 +18,8 @@ import ray
 import torch
 from ray import tune
 
-from sweeper.checkpoints import TrialCheckpoint
+from sweeper.checkpoints import StopProbe, TrialCheckpoint
+from sweeper.graceful import STOP_ACK, hold_after_stop_checkpoint
 from sweeper.points import BundlePoint, SweepContext, TrialPoint, point_from_dict
 from sweeper.tracking import (
     TAG_CELL,
@@ -48,6 +49,7 @@ class Checkpoints:
 
     def __init__(self, key: str, sweep: SweepContext) -> None:
         self.own = TrialCheckpoint(sweep.checkpoints, key) if sweep.checkpoints else None
+        self.stop = StopProbe(sweep.checkpoints)  # the trainer asks it once per epoch
 
     def load(self) -> dict[str, dict[str, Any]]:
         if self.own is not None:
@@ -62,12 +64,17 @@ class Checkpoints:
 
     def report(self, result: dict[str, Any], states: dict[str, dict[str, Any]]) -> None:
         """Save ``states`` (if any), then report ``result`` to Tune: the checkpoint is complete before Tune
-        counts the epoch done."""
+        counts the epoch done. A checkpoint taken because the sweep is stopping says so to the driver
+        (sweeper.graceful), and the trial then trains no further epoch."""
         if not states:
             tune.report(result)
         elif self.own is not None:
             self.own.save(states)
-            tune.report(result)
+            if self.stop.seen:
+                tune.report({**result, STOP_ACK: 1.0})
+                hold_after_stop_checkpoint()
+            else:
+                tune.report(result)
         else:
             with tempfile.TemporaryDirectory(prefix="sweeper-ckpt-") as tmp:
                 for name, state in states.items():
@@ -149,6 +156,7 @@ def run_trial(params: dict[str, Any]) -> None:
     reporter = TuneReporter(tracker, checkpoints)
     try:
         trainer = Trainer(cfg)
+        trainer.stop_requested = checkpoints.stop
         if state is not None:
             trainer.load_state_dict(state)
         tracker.log_dataset(lambda: describe_splits(cfg, trainer.data))
@@ -248,6 +256,7 @@ def run_bundle(point: BundlePoint, sweep: SweepContext) -> None:
             _mark_restored(trackers[i], states[i])
     try:
         bundle = Bundle([cfgs[i] for i in active], [states.get(i) for i in active])
+        bundle.stop_requested = checkpoints.stop
         dataset = functools.cache(lambda: describe_splits(cfgs[0], bundle.data))  # members share the data
         for i in active:
             trackers[i].log_dataset(dataset)

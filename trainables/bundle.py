@@ -96,6 +96,7 @@ class Bundle:
             raise BundleError(f"bundle members must resume from the same epoch, got {sorted(epochs)}")
         self.data = data
         self.failed: dict[int, Exception] = {}
+        self.stop_requested: Callable[[], bool] = lambda: False  # as Trainer.stop_requested
         self._stack()
         self.measure_chunk = members_measured_together(len(cfgs), metric_bytes(cfgs[0]))
 
@@ -312,7 +313,10 @@ class Bundle:
             lrs = [m.optimizer.param_groups[0]["lr"] for m in self.members]
             known = [{n for n, p in m.model.named_parameters() if p.requires_grad} for m in self.members]
             losses = self.train_epoch().tolist()  # the epoch's single host sync
-            if self.members[0].checkpoint_due(self.members[0].epoch + 1):
+            # Decided once for the epoch and for every member (a stop asked mid-epoch must not give some
+            # members a checkpoint from modules not yet unstacked).
+            due = self.members[0].checkpoint_due(self.members[0].epoch + 1) or self.stop_requested()
+            if due:
                 # Members' own modules are read only for their checkpoints (metrics come from the stack,
                 # Adaptive-ETF swaps a weight for a fixed ETF): one copy per tensor and member, so only
                 # when they checkpoint (check_bundle: all at once) and at the end.
@@ -331,9 +335,7 @@ class Bundle:
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                     metrics = member.end_epoch(losses[i], lrs[i], started, measured[i])
                 self._sync_etf(i, known[i])
-                reporter.report(
-                    member.epoch, metrics, self._member_state(i) if member.checkpoint_due() else None
-                )
+                reporter.report(member.epoch, metrics, self._member_state(i) if due else None)
             if epoch_done is not None and len(self.failed) < len(self.members):
                 epoch_done(self.members[0].epoch)
         return [self.failed.get(i) or m.summary() for i, m in enumerate(self.members)]

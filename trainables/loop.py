@@ -12,6 +12,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -72,6 +73,8 @@ class Trainer:
     def __init__(self, cfg: TrialConfig, data: Splits | None = None) -> None:
         """``data``: the trial's splits already on its device (a bundle shares one copy among members)."""
         self.cfg = cfg
+        # Asked once per epoch: True checkpoints the epoch just trained (a sweep being stopped).
+        self.stop_requested: Callable[[], bool] = lambda: False
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = data if data is not None else load_splits(cfg).to(self.device)
@@ -251,7 +254,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             batch_loss = self.train_epoch()
             metrics = self.end_epoch(batch_loss, lr, started)
-            reporter.report(self.epoch, metrics, self.state_dict() if self.checkpoint_due() else None)
+            due = self.checkpoint_due() or self.stop_requested()
+            reporter.report(self.epoch, metrics, self.state_dict() if due else None)
         return self.summary()
 
     def checkpoint_due(self, epoch: int | None = None) -> bool:
