@@ -85,6 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(run)
     _add_storage(run, reads=False)
     _add_cluster(run)
+    slurm = verbs.add_parser(
+        "slurm",
+        help="submit a sweep as a SLURM job: a Ray cluster per allocation, stopped and requeued before its "
+        "time limit, resumed by the next allocation",
+    )
+    _add_spec_args(slurm)
+    slurm.add_argument(
+        "--storage",
+        default="sweeps",
+        help="absolute path on a filesystem every node shares, or an s3:// URI (required in effect: "
+        "the default ./sweeps is refused)",
+    )
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes of the allocation (default: 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: 0)")
+    slurm.add_argument("--cpus-per-node", type=int, help="CPUs per node (default: the partition's)")
+    slurm.add_argument("--time", help="wall-time limit, HH:MM:SS or D-HH:MM:SS (default: the partition's)")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--account", help="SLURM account")
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        help='more sbatch options, e.g. --sbatch "--qos=long --mail-type=END" (repeatable)',
+    )
+    slurm.add_argument(
+        "--signal-lead",
+        type=int,
+        default=300,
+        help="seconds before the time limit at which the sweep stops and requeues (default: 300)",
+    )
+    slurm.add_argument(
+        "--max-requeues", type=int, default=10, help="allocations after the first, at most (default: 10)"
+    )
+    slurm.add_argument(
+        "--no-kill", action="store_true", help="keep the job running when a node fails (trials move on)"
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     validate = verbs.add_parser("validate", help="check a spec and every trial it expands to")
     _add_spec_args(validate)
     plan = verbs.add_parser("plan", help="list the trials a spec expands to, with parameter counts")
@@ -148,6 +185,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", type=Path, default=None, help="data root (default: $SWEEPER_DATA, else ./data)"
     )
     return parser
+
+
+def submit_slurm(loaded, args: argparse.Namespace) -> int:
+    import shlex
+
+    from sweeper.slurm import SlurmError, SlurmOptions, submit
+
+    opts = SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_node=args.cpus_per_node,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        sbatch=[a for chunk in args.sbatch for a in shlex.split(chunk)],
+        signal_lead=args.signal_lead,
+        max_requeues=args.max_requeues,
+        no_kill=args.no_kill,
+    )
+    try:
+        job, script, warnings = submit(loaded, args.storage, opts, args.dry_run)
+    except SlurmError as err:
+        print(f"error: slurm: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if job is None:
+        print(script, end="")
+        return 0
+    name = loaded.spec.name
+    print(f"submitted SLURM job {job} for sweep {name}")
+    print(f"  follow: squeue -j {job}; sweeper status {name} --storage {args.storage}")
+    print(f"  cancel: scancel {job} (the sweep stops resumably; `sweeper slurm` again continues it)")
+    return 0
 
 
 def _interrupted() -> type[Exception]:
@@ -413,6 +484,8 @@ def _main(argv: list[str] | None) -> int:
             else:
                 print(f"{args.spec}: valid; {n} trials")
             return 0
+        if args.verb == "slurm":
+            return submit_slurm(loaded, args)
         if args.verb == "plan":
             from sweeper.plan import plan_rows
 

@@ -62,8 +62,26 @@ def sweep_status(sweep_dir: Location) -> dict[str, Any]:
         if parent
         else None,
         "optuna": dashboard_command(meta["optuna_storage"]) if meta.get("optuna_storage") else None,
+        "slurm": _slurm(sweep_dir, parent),
         "trials": rows,
     }
+
+
+def _slurm(sweep_dir: Location, parent) -> dict[str, Any] | None:
+    """The sweep's SLURM job (sweeper.slurm), when it was submitted with ``sweeper slurm``: its state
+    from SLURM, and each allocation as the job recorded it on the parent run."""
+    from sweeper.slurm import TAG_ALLOCATION_PREFIX, job_status
+
+    job = job_status(sweep_dir)
+    if job is None:
+        return None
+    tags = parent.data.tags if parent else {}
+    allocations = [
+        {"n": int(k[len(TAG_ALLOCATION_PREFIX) :]) + 1, **json.loads(v)}
+        for k, v in tags.items()
+        if k.startswith(TAG_ALLOCATION_PREFIX)
+    ]
+    return {**job, "allocations": sorted(allocations, key=lambda a: a["n"])}
 
 
 def _row(name: str, run, epochs: int, metric: str) -> dict[str, Any]:
@@ -109,4 +127,14 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"charts: {status['charts']}")
     if status.get("optuna"):
         lines.append(f"Optuna studies (one per cell): {status['optuna']}")
+    if job := status.get("slurm"):
+        where = f" on {job['nodes']}" if job.get("nodes") else ""
+        why = f" ({job['reason']})" if job.get("reason") else ""
+        requeues = f", requeued {job['requeues']} times" if job.get("requeues") else ""
+        lines.append(f"SLURM job {job['job']}: {job['state']}{why}{where}{requeues}")
+        for alloc in job.get("allocations", []):
+            lines.append(
+                f"  allocation {alloc['n']}: {','.join(alloc['nodes'])} {alloc['start']} .. "
+                f"{alloc.get('end', 'now')} {alloc.get('ended', '')}".rstrip()
+            )
     return "\n".join(lines)
