@@ -1,0 +1,213 @@
+"""`sweeper slurm` on a real two-node SLURM cluster on this host (tests/slurm_cluster.py): a job whose
+trials land on both nodes; a time limit mid-sweep (SLURM's USR1 before it, the job requeues itself and
+its second allocation finishes the sweep); a requeue at a random instant without any signal. Each ends
+with the exactly-once audit: one FINISHED run per planned trial with epochs 1..E, nothing RUNNING or
+FAILED, no Ray process of the job left. The submission checks run without SLURM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.services import mlflow_uri, wait_for
+from tests.slurm_cluster import slurm_cluster, slurm_missing
+
+SPEC = {
+    "name": "on-slurm",
+    "experiment": "slurm",
+    "dataset": "gaussian",
+    "data": {"gaussian": {"classes": 3, "dim": 6, "train_per_class": 60, "test_per_class": 20}},
+    "model": {"mlp": {"depth": 3, "width": 16}},
+    "train": {"epochs": 60, "batch_size": 32},
+    "checkpoint": {"every": 20},
+    "resources": {"cpu": 1},
+    "grid": {"seed": [0, 1, 2, 3]},
+}
+
+
+def _submit(tmp_path, spec: dict, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", "slurm", str(path), *flags],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# ---- submission, no SLURM needed ----------------------------------------------------------------------
+def test_a_relative_storage_is_refused_before_anything_is_written(tmp_path):
+    done = _submit(tmp_path, SPEC, "--nodes", "2")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--storage sweeps: every node of the job reads and writes the sweep directory" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_a_gpu_spec_without_gpus_and_a_bad_time_are_refused(tmp_path):
+    done = _submit(tmp_path, {**SPEC, "resources": {"cpu": 1, "gpu": 1}}, "--storage", str(tmp_path / "s"))
+    assert done.returncode == 2 and "resources.gpu is 1.0 but the job asks for no GPU" in done.stderr
+    done = _submit(tmp_path, SPEC, "--storage", str(tmp_path / "s"), "--time", "1h")
+    assert done.returncode == 2 and "--time 1h: SLURM's forms" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(tmp_path):
+    flags = [
+        "--storage",
+        str(tmp_path / "sweeps"),
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--time",
+        "24:00:00",
+    ]
+    flags += ["--partition", "gpu", "--sbatch", "--qos=long --mail-type=END", "--dry-run"]
+    done = _submit(tmp_path, {**SPEC, "resources": {"cpu": 1, "gpu": 1}}, *flags)
+    assert done.returncode == 0, done.stderr
+    script = done.stdout
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --time=24:00:00",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --qos=long",
+        "#SBATCH --mail-type=END",
+        f"#SBATCH --output={tmp_path}/sweeps/on-slurm/slurm/job-%j.out",
+        f"exec {sys.executable} -m sweeper.slurm {tmp_path}/sweeps/on-slurm --max-requeues 10 --gpus-per-node 4",
+    ]:
+        assert line in script.splitlines(), (line, script)
+    # Trials on two nodes writing one SQLite file: said before submitting.
+    assert "is SQLite: trials on 2 nodes" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
+
+
+# ---- on a real cluster --------------------------------------------------------------------------------
+needs_slurm = pytest.mark.skipif(slurm_missing() is not None, reason=slurm_missing() or "")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with slurm_cluster() as c:
+        yield c
+
+
+def _start(tmp_path, cluster, spec: dict, *flags: str) -> tuple[str, str]:
+    uri = mlflow_uri(tmp_path)
+    done = _submit(
+        tmp_path,
+        spec,
+        "--storage",
+        str(tmp_path / "sweeps"),
+        *flags,
+        env={**cluster.env, "MLFLOW_TRACKING_URI": uri},
+    )
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.split("submitted SLURM job ")[1].split()[0]
+    return job, uri
+
+
+def _wait_done(cluster, job: str, timeout: float, release: bool = True) -> dict[str, str]:
+    """Until the job has ended for good, letting a requeued job start again at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = cluster.job(job)
+        state = info.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if release and state == "PENDING" and info.get("Reason") == "BeginTime":
+            cluster.release(job)
+        assert time.monotonic() < deadline, f"job {job} not done in {timeout} s: {info}"
+        time.sleep(2)
+
+
+def _audit(tmp_path, uri: str, spec: dict) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec["experiment"])
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status) for r in runs]
+    children = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+    keys = [r.data.tags["sweeper.trial_key"] for r in children]
+    assert len(keys) == len(set(keys)) == len(spec["grid"]["seed"])
+    for child in children:
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_acc"))
+        assert steps == list(range(1, spec["train"]["epochs"] + 1)), child.info.run_name
+    # No Ray process of the job is left on the "nodes" (this host).
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if "sweeper" in " ".join(p.info["cmdline"] or []) and "raylet" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not left, left
+    return children
+
+
+def _output(tmp_path) -> str:
+    return "".join(
+        p.read_text() for p in sorted((tmp_path / "sweeps" / "on-slurm" / "slurm").glob("job-*.out"))
+    )
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_the_time_limit_stops_the_sweep_which_requeues_and_finishes_in_its_next_allocation(tmp_path, cluster):
+    # About 70 s of training per node (two 1-CPU nodes); the limit is 2 minutes, USR1 60 s before it,
+    # and Ray's start takes ~15 s of each allocation: two or three allocations.
+    spec = {**SPEC, "train": {"epochs": 1000, "batch_size": 32}, "checkpoint": {"every": 400}}
+    job, uri = _start(tmp_path, cluster, spec, "--nodes", "2", "--time", "00:02:00", "--signal-lead", "60")
+    info = _wait_done(cluster, job, timeout=600)
+    out = _output(tmp_path)
+    assert info["JobState"] == "COMPLETED", out[-3000:]
+    assert int(info["Restarts"]) >= 1 and "SIGUSR1: stopping" in out and "requeueing job" in out, out[-3000:]
+    assert "2 of 2 nodes" in out
+    children = _audit(tmp_path, uri, spec)
+    # Where each trial ran last (a Ray node id is new in every allocation): more than one node.
+    assert len({c.data.tags["sweeper.node"] for c in children}) >= 2
+    client = MlflowClient(uri)
+    restored = {}
+    for child in children:
+        # A trial stopped by the signal continued from the epoch it was in: nothing trained twice.
+        restored[child.info.run_name] = [
+            int(m.value) for m in client.get_metric_history(child.info.run_id, "restored_from_epoch")
+        ]
+        assert all(r % 400 for r in restored[child.info.run_name]), restored  # not a regular checkpoint
+    print("allocations:", int(info["Restarts"]) + 1, "restored from:", restored)
+    status = subprocess.run(
+        [sys.executable, "-m", "sweeper", "status", "on-slurm", "--storage", str(tmp_path / "sweeps"), "--json"],
+        env={**cluster.env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    slurm = json.loads(status.stdout)["slurm"]
+    assert (
+        slurm["job"] == job and slurm["state"] == "COMPLETED" and slurm["requeues"] == int(info["Restarts"])
+    )
+    ended = [a["ended"] for a in slurm["allocations"]]
+    assert ended == ["stopped (SIGUSR1)"] * (len(ended) - 1) + ["finished"], ended
+    assert all(a["nodes"] == ["n1", "n2"] for a in slurm["allocations"])
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_requeue_at_a_random_instant_loses_and_repeats_nothing(tmp_path, cluster):
+    spec = {**SPEC, "train": {"epochs": 600, "batch_size": 32}, "checkpoint": {"every": 25}}
+    job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
+    assert wait_for(lambda: cluster.job(job).get("JobState") == "RUNNING", timeout=120)
+    time.sleep(random.uniform(10, 35))
+    cluster.run("scontrol", "requeue", job)
+    info = _wait_done(cluster, job, timeout=600)
+    assert info["JobState"] == "COMPLETED", _output(tmp_path)[-3000:]
+    assert int(info["Restarts"]) >= 1
+    _audit(tmp_path, uri, spec)
