@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *PAGES]
-SUBCOMMANDS = {"run", "validate", "plan", "resume", "status", "report", "export", "data"}
+SUBCOMMANDS = {"run", "validate", "plan", "resume", "status", "report", "export", "slurm", "data"}
 
 # What starts one of our commands (not Python's `from sweeper import ...`); a command ends at a shell
 # separator or a comment.
