@@ -1,7 +1,9 @@
 """A real SLURM cluster of two nodes on this host (Debian's slurm-wlm 22.05 and munge, as root), for the
 tests of ``sweeper slurm``: its own munged socket, config, state and ports in a temp dir, its daemons
 stopped by PID. Two partitions over both nodes: ``debug`` (the default; its jobs may be preempted by
-requeue) and ``high`` (PriorityTier 10), for a preemption."""
+requeue) and ``high`` (PriorityTier 10), for a preemption. Each node says it has 2 CPUs (the host has 2
+cores for both; ``config_overrides`` lets slurmd believe it) so that two jobs of one CPU per node fit
+at once."""
 
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ KillWait=30
 SchedulerParameters=sched_interval=2
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=1 RealMemory=4000
-NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=1 RealMemory=4000
+SlurmdParameters=config_overrides
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=4000
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=4000
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1
 PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 """

@@ -135,7 +135,7 @@ def _wait_done(cluster, job: str, timeout: float, release: bool = True) -> dict[
         time.sleep(2)
 
 
-def _audit(tmp_path, uri: str, spec: dict) -> list:
+def _audit(tmp_path, uri: str, spec: dict, job: str | None = None) -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec["experiment"])
     runs = client.search_runs([exp.experiment_id])
@@ -146,13 +146,11 @@ def _audit(tmp_path, uri: str, spec: dict) -> list:
     for child in children:
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "test_acc"))
         assert steps == list(range(1, spec["train"]["epochs"] + 1)), child.info.run_name
-    # No Ray process of the job is left on the "nodes" (this host).
-    left = [
-        p.info["cmdline"]
-        for p in psutil.process_iter(["cmdline"])
-        if "sweeper" in " ".join(p.info["cmdline"] or []) and "raylet" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert not left, left
+    # No Ray process of the job is left on the "nodes" (this host): each runs with the job's temp dir.
+    if job is not None:
+        mark = f"/tmp/sw{job}n"
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if mark in " ".join(p.info["cmdline"] or [])]
+        assert wait_for(lambda: not [p for p in left if psutil.pid_exists(p)], timeout=60), left
     return children
 
 
@@ -174,7 +172,7 @@ def test_the_time_limit_stops_the_sweep_which_requeues_and_finishes_in_its_next_
     assert info["JobState"] == "COMPLETED", out[-3000:]
     assert int(info["Restarts"]) >= 1 and "SIGUSR1: stopping" in out and "requeueing job" in out, out[-3000:]
     assert "2 of 2 nodes" in out
-    children = _audit(tmp_path, uri, spec)
+    children = _audit(tmp_path, uri, spec, job)
     # Where each trial ran last (a Ray node id is new in every allocation): more than one node.
     assert len({c.data.tags["sweeper.node"] for c in children}) >= 2
     client = MlflowClient(uri)
@@ -210,4 +208,62 @@ def test_a_requeue_at_a_random_instant_loses_and_repeats_nothing(tmp_path, clust
     info = _wait_done(cluster, job, timeout=600)
     assert info["JobState"] == "COMPLETED", _output(tmp_path)[-3000:]
     assert int(info["Restarts"]) >= 1
-    _audit(tmp_path, uri, spec)
+    _audit(tmp_path, uri, spec, job)
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_two_sweeps_jobs_on_the_same_two_nodes_at_once_never_meet(tmp_path, cluster):
+    """Each job's Ray has its own ports and temp dirs, and ending one job's Ray leaves the other's running."""
+    specs = [
+        {**SPEC, "name": f"twin-{i}", "experiment": f"twin-{i}", "train": {"epochs": 400, "batch_size": 32}}
+        for i in (0, 1)
+    ]
+    uri = mlflow_uri(tmp_path)
+    jobs = []
+    for spec in specs:
+        path = tmp_path / f"{spec['name']}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        done = subprocess.run(
+            [sys.executable, "-m", "sweeper", "slurm", str(path), "--nodes", "2", "--storage", str(tmp_path / "sweeps")],
+            cwd=tmp_path, env={**cluster.env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        jobs.append(done.stdout.split("submitted SLURM job ")[1].split()[0])
+    both = wait_for(lambda: all(cluster.job(j).get("JobState") == "RUNNING" for j in jobs), timeout=120)
+    assert both, [cluster.job(j) for j in jobs]
+    for job in jobs:
+        assert _wait_done(cluster, job, timeout=400)["JobState"] == "COMPLETED"
+    addresses = set()
+    for spec, job in zip(specs, jobs):
+        out = "".join(p.read_text() for p in (tmp_path / "sweeps" / spec["name"] / "slurm").glob("job-*.out"))
+        assert "2 of 2 nodes" in out and "sweep ended, 4 finished, 0 failed" in out, out[-3000:]
+        addresses.add(out.split("Ray cluster at ")[1].split(",")[0])
+        _audit(tmp_path, uri, spec, job)
+    assert len(addresses) == 2, addresses
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_preempted_job_resumes_in_its_next_allocation_with_nothing_lost(tmp_path, cluster):
+    """A job of the high partition (PriorityTier 10) takes both nodes: SLURM requeues the sweep's job with a
+    SIGTERM (PreemptMode=REQUEUE), which stops the sweep as the time limit's signal does."""
+    spec = {**SPEC, "train": {"epochs": 600, "batch_size": 32}, "checkpoint": {"every": 200}}
+    job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
+    client = MlflowClient(uri)
+
+    def training() -> bool:
+        exp = client.get_experiment_by_name("slurm")
+        runs = client.search_runs([exp.experiment_id], "tags.`sweeper.role` = 'trial'") if exp else []
+        return any(r.data.metrics.get("epoch", 0) >= 30 for r in runs)
+
+    assert wait_for(training, timeout=180), _output(tmp_path)[-3000:]
+    high = cluster.run(
+        "sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive", "--wrap", "sleep 15"
+    ).strip()
+    info = _wait_done(cluster, job, timeout=600)
+    out = _output(tmp_path)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, out[-3000:]
+    assert "SIGTERM: stopping" in out, out[-3000:]
+    assert cluster.job(high).get("JobState") == "COMPLETED"
+    _audit(tmp_path, uri, spec, job)
