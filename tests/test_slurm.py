@@ -267,3 +267,38 @@ def test_a_preempted_job_resumes_in_its_next_allocation_with_nothing_lost(tmp_pa
     assert "SIGTERM: stopping" in out, out[-3000:]
     assert cluster.job(high).get("JobState") == "COMPLETED"
     _audit(tmp_path, uri, spec, job)
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_job_that_loses_a_node_goes_on_and_finishes_on_the_other(tmp_path, cluster):
+    """Submitted with --no-kill: n2 set down mid-sweep ends its srun step and Ray node; the trials that ran
+    there fail over (Tune's retries, max_failures) and continue from their checkpoints on n1."""
+    spec = {
+        **SPEC,
+        "train": {"epochs": 300, "batch_size": 32},
+        "checkpoint": {"every": 10},
+        "max_failures": 3,
+    }
+    job, uri = _start(tmp_path, cluster, spec, "--nodes", "2", "--no-kill")
+    client = MlflowClient(uri)
+
+    def on_both() -> bool:
+        exp = client.get_experiment_by_name("slurm")
+        runs = client.search_runs([exp.experiment_id], "tags.`sweeper.role` = 'trial'") if exp else []
+        return len([r for r in runs if r.data.metrics.get("epoch", 0) >= 20]) >= 2
+
+    try:
+        assert wait_for(on_both, timeout=180), _output(tmp_path)[-3000:]
+        cluster.run("scontrol", "update", "nodename=n2", "state=down", "reason=sweeper-test")
+        info = _wait_done(cluster, job, timeout=600)
+    finally:
+        cluster.run("scontrol", "update", "nodename=n2", "state=resume", check=False)
+    out = _output(tmp_path)
+    assert info["JobState"] == "COMPLETED" and "sweep ended, 4 finished, 0 failed" in out, out[-3000:]
+    children = _audit(tmp_path, uri, spec, job)
+    # At least one trial ran on the lost node and continued from its checkpoint elsewhere.
+    restored = [
+        m.value for c in children for m in client.get_metric_history(c.info.run_id, "restored_from_epoch")
+    ]
+    assert restored, out[-3000:]
