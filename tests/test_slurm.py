@@ -302,3 +302,35 @@ def test_a_job_that_loses_a_node_goes_on_and_finishes_on_the_other(tmp_path, clu
         m.value for c in children for m in client.get_metric_history(c.info.run_id, "restored_from_epoch")
     ]
     assert restored, out[-3000:]
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_searched_sweep_requeued_twice_runs_each_cells_budget_exactly_once(tmp_path, cluster):
+    """Grid x Optuna: `scontrol requeue` twice mid-search (SLURM's SIGTERM to the job, then a new
+    allocation each time); every study ends with exactly its budget of trials, each one MLflow run."""
+    from tests.test_search import _check_exact_budget
+
+    spec = {
+        **SPEC,
+        "train": {"epochs": 300, "batch_size": 32},
+        "checkpoint": {"every": 50},
+        "grid": {"etf": [{"depth": 0}, {"depth": 1}]},
+        "search": {
+            "optuna": {"sampler": "tpe", "trials_per_cell": 3, "max_concurrent": 2, "seed": 0},
+            "space": {"svsl.alpha": {"loguniform": [5.0e-8, 5.0e-5]}, "svsl.gamma": {"int": [1, 2]}},
+        },
+    }
+    job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
+    for allocation in (1, 2):
+        assert wait_for(lambda: cluster.job(job).get("JobState") == "RUNNING", timeout=240)
+        assert wait_for(lambda n=allocation: f"allocation {n}, nodes" in _output(tmp_path), timeout=60)
+        time.sleep(random.uniform(20, 30))
+        cluster.run("scontrol", "requeue", job)
+        assert wait_for(lambda: cluster.job(job).get("JobState") == "PENDING", timeout=120)
+        cluster.release(job)
+    info = _wait_done(cluster, job, timeout=600)
+    out = _output(tmp_path)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 2, out[-3000:]
+    optuna_db = tmp_path / "sweeps" / "on-slurm" / "optuna.db"
+    _check_exact_budget(f"sqlite:///{optuna_db}", uri, cells=2, budget=3, experiment="slurm")
