@@ -135,6 +135,25 @@ def _wait_done(cluster, job: str, timeout: float, release: bool = True) -> dict[
         time.sleep(2)
 
 
+def _retrained(client, run_id: str) -> int:
+    """Epochs a trial trained twice: those its run had logged past the epoch it was later restored from
+    (a restored trial trains them again without logging them again)."""
+    epochs = client.get_metric_history(run_id, "epoch")
+    twice = 0
+    for restore in client.get_metric_history(run_id, "restored_from_epoch"):
+        twice += sum(1 for m in epochs if m.step > restore.value and m.timestamp <= restore.timestamp)
+    return twice
+
+
+def _report(name: str, client, children, info: dict, started: float) -> None:
+    """Per scenario, for the closing note (-s): allocations, epochs trained twice, wall time."""
+    twice = sum(_retrained(client, c.info.run_id) for c in children)
+    print(
+        f"\n{name}: {int(info.get('Restarts', 0)) + 1} allocations, {twice} epochs trained twice "
+        f"over {len(children)} trials, {time.monotonic() - started:.0f} s from submission to the end"
+    )
+
+
 def _audit(tmp_path, uri: str, spec: dict, job: str | None = None) -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec["experiment"])
@@ -166,6 +185,7 @@ def test_the_time_limit_stops_the_sweep_which_requeues_and_finishes_in_its_next_
     # About 70 s of training per node (two 1-CPU nodes); the limit is 2 minutes, USR1 60 s before it,
     # and Ray's start takes ~15 s of each allocation: two or three allocations.
     spec = {**SPEC, "train": {"epochs": 1000, "batch_size": 32}, "checkpoint": {"every": 400}}
+    started = time.monotonic()
     job, uri = _start(tmp_path, cluster, spec, "--nodes", "2", "--time", "00:02:00", "--signal-lead", "60")
     info = _wait_done(cluster, job, timeout=600)
     out = _output(tmp_path)
@@ -183,7 +203,9 @@ def test_the_time_limit_stops_the_sweep_which_requeues_and_finishes_in_its_next_
             int(m.value) for m in client.get_metric_history(child.info.run_id, "restored_from_epoch")
         ]
         assert all(r % 400 for r in restored[child.info.run_name]), restored  # not a regular checkpoint
-    print("allocations:", int(info["Restarts"]) + 1, "restored from:", restored)
+    _report("time limit", client, children, info, started)
+    # The goal: at most one epoch trained twice per trial running at the signal (here: none).
+    assert sum(_retrained(client, c.info.run_id) for c in children) <= len(children)
     status = subprocess.run(
         [sys.executable, "-m", "sweeper", "status", "on-slurm", "--storage", str(tmp_path / "sweeps"), "--json"],
         env={**cluster.env}, capture_output=True, text=True, timeout=120,
@@ -201,6 +223,7 @@ def test_the_time_limit_stops_the_sweep_which_requeues_and_finishes_in_its_next_
 @pytest.mark.slow
 def test_a_requeue_at_a_random_instant_loses_and_repeats_nothing(tmp_path, cluster):
     spec = {**SPEC, "train": {"epochs": 600, "batch_size": 32}, "checkpoint": {"every": 25}}
+    started = time.monotonic()
     job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
     assert wait_for(lambda: cluster.job(job).get("JobState") == "RUNNING", timeout=120)
     time.sleep(random.uniform(10, 35))
@@ -208,7 +231,8 @@ def test_a_requeue_at_a_random_instant_loses_and_repeats_nothing(tmp_path, clust
     info = _wait_done(cluster, job, timeout=600)
     assert info["JobState"] == "COMPLETED", _output(tmp_path)[-3000:]
     assert int(info["Restarts"]) >= 1
-    _audit(tmp_path, uri, spec, job)
+    children = _audit(tmp_path, uri, spec, job)
+    _report("scontrol requeue", MlflowClient(uri), children, info, started)
 
 
 @needs_slurm
@@ -249,6 +273,7 @@ def test_a_preempted_job_resumes_in_its_next_allocation_with_nothing_lost(tmp_pa
     """A job of the high partition (PriorityTier 10) takes both nodes: SLURM requeues the sweep's job with a
     SIGTERM (PreemptMode=REQUEUE), which stops the sweep as the time limit's signal does."""
     spec = {**SPEC, "train": {"epochs": 600, "batch_size": 32}, "checkpoint": {"every": 200}}
+    started = time.monotonic()
     job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
     client = MlflowClient(uri)
 
@@ -266,7 +291,7 @@ def test_a_preempted_job_resumes_in_its_next_allocation_with_nothing_lost(tmp_pa
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, out[-3000:]
     assert "SIGTERM: stopping" in out, out[-3000:]
     assert cluster.job(high).get("JobState") == "COMPLETED"
-    _audit(tmp_path, uri, spec, job)
+    _report("preemption", client, _audit(tmp_path, uri, spec, job), info, started)
 
 
 @needs_slurm
@@ -280,6 +305,7 @@ def test_a_job_that_loses_a_node_goes_on_and_finishes_on_the_other(tmp_path, clu
         "checkpoint": {"every": 10},
         "max_failures": 3,
     }
+    started = time.monotonic()
     job, uri = _start(tmp_path, cluster, spec, "--nodes", "2", "--no-kill")
     client = MlflowClient(uri)
 
@@ -302,6 +328,7 @@ def test_a_job_that_loses_a_node_goes_on_and_finishes_on_the_other(tmp_path, clu
         m.value for c in children for m in client.get_metric_history(c.info.run_id, "restored_from_epoch")
     ]
     assert restored, out[-3000:]
+    _report("node lost", client, children, info, started)
 
 
 @needs_slurm
@@ -321,6 +348,7 @@ def test_a_searched_sweep_requeued_twice_runs_each_cells_budget_exactly_once(tmp
             "space": {"svsl.alpha": {"loguniform": [5.0e-8, 5.0e-5]}, "svsl.gamma": {"int": [1, 2]}},
         },
     }
+    started = time.monotonic()
     job, uri = _start(tmp_path, cluster, spec, "--nodes", "2")
     for allocation in (1, 2):
         assert wait_for(lambda: cluster.job(job).get("JobState") == "RUNNING", timeout=240)
@@ -334,3 +362,8 @@ def test_a_searched_sweep_requeued_twice_runs_each_cells_budget_exactly_once(tmp
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 2, out[-3000:]
     optuna_db = tmp_path / "sweeps" / "on-slurm" / "optuna.db"
     _check_exact_budget(f"sqlite:///{optuna_db}", uri, cells=2, budget=3, experiment="slurm")
+    client = MlflowClient(uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name("slurm").experiment_id], "tags.`sweeper.role` = 'trial'"
+    )
+    _report("searched, requeued twice", client, children, info, started)
